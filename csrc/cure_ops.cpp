@@ -1,0 +1,24 @@
+// Op schemas of the cure namespace and the Python module stub of cure_kernels._C.
+//
+// One op name per operation; the CPU kernel registers under the CPU dispatch key
+// (csrc/cpu/), the CUDA kernel under the CUDA key (csrc/cuda/). Fake implementations for
+// torch.compile are registered from Python (cure_kernels/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing cure_kernels._C only loads this library so that the registrations below run.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(cure, m) {
+  // Zero updates[i][s < numpy.quantile(s, p)], s = alpha*|grads_nat[i]| + (1-alpha)*|grads_adv[i]|.
+  // Returns (thresholds float32[T], kept int64[T], nonfinite int64[T]).
+  m.def("rgp_mask(Tensor(a!)[] updates, Tensor[] grads_nat, Tensor[] grads_adv, float alpha, float p)"
+        " -> (Tensor, Tensor, Tensor)");
+  // revision[i] <- decay*revision[i] + (1-decay)*params[i].
+  m.def("revise(Tensor(a!)[] revision, Tensor[] params, float decay) -> ()");
+}

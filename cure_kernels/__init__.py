@@ -1,0 +1,12 @@
+"""Fast, exact kernels for CURE (Conserve-Update-Revise adversarial training, ICLR 2024).
+
+>>> import cure_kernels as ck
+>>> stats = ck.rgp_mask_(updates, grads_nat, grads_adv, alpha=0.1, p=0.3)
+>>> ck.revise_(revision_params, params, decay=0.999)
+"""
+
+from cure_kernels.backends import BACKENDS
+from cure_kernels.ops import MaskStats, available_backends, revise_, rgp_mask_
+
+__all__ = ["BACKENDS", "MaskStats", "available_backends", "revise_", "rgp_mask_"]
+__version__ = "0.1.0"

@@ -1,0 +1,168 @@
+"""Public ops and their ``torch.library`` registrations.
+
+One op name per operation and backend family:
+
+* ``cure::rgp_mask`` / ``cure::revise`` -- C++ (``csrc/``): the CPU kernel under the CPU dispatch
+  key, the CUDA kernel under the CUDA key. Defined in C++; their fake (meta) implementations are
+  registered here.
+* ``cure::rgp_mask_triton`` / ``cure::revise_triton`` -- Triton kernels (``triton_*.py``).
+* ``cure::rgp_mask_reference`` / ``cure::revise_reference`` -- the oracle (``reference.py``).
+
+Every op mutates its first tensor list in place and has a fake implementation, so the public
+functions work under ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from cure_kernels import backends, reference
+from cure_kernels.validation import check_fraction, check_tensor_lists
+
+__all__ = ["MaskStats", "rgp_mask_", "revise_", "available_backends"]
+
+available_backends = backends.available_backends
+
+
+class MaskStats(NamedTuple):
+    """Per-tensor results of :func:`rgp_mask_`, on the tensors' device (no host synchronisation).
+
+    thresholds: float32[T], each tensor's p-quantile of the scores (NaN for an empty tensor or
+        when a score is NaN). kept: int64[T], entries not zeroed. nonfinite: int64[T], scores that
+        are NaN or infinite.
+    """
+
+    thresholds: Tensor
+    kept: Tensor
+    nonfinite: Tensor
+
+
+def _mask_stats_like(updates: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    device = updates[0].device if updates else torch.device("cpu")
+    n = len(updates)
+    return (torch.empty(n, dtype=torch.float32, device=device),
+            torch.empty(n, dtype=torch.int64, device=device),
+            torch.empty(n, dtype=torch.int64, device=device))
+
+
+def _rgp_mask_fake(updates: list[Tensor], grads_nat: list[Tensor], grads_adv: list[Tensor],
+                   alpha: float, p: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _mask_stats_like(updates)
+
+
+def _revise_fake(revision: list[Tensor], params: list[Tensor], decay: float) -> None:
+    return None
+
+
+# --- reference ------------------------------------------------------------------------------
+@torch.library.custom_op("cure::rgp_mask_reference", mutates_args=("updates",))
+def _rgp_mask_reference(updates: list[Tensor], grads_nat: list[Tensor], grads_adv: list[Tensor],
+                        alpha: float, p: float) -> tuple[Tensor, Tensor, Tensor]:
+    return reference.rgp_mask_reference(updates, grads_nat, grads_adv, alpha, p)
+
+
+@torch.library.custom_op("cure::revise_reference", mutates_args=("revision",))
+def _revise_reference(revision: list[Tensor], params: list[Tensor], decay: float) -> None:
+    reference.revise_reference(revision, params, decay)
+
+
+# --- triton (imported lazily: TRITON_INTERPRET must be read when the kernels are defined) ---
+@torch.library.custom_op("cure::rgp_mask_triton", mutates_args=("updates",))
+def _rgp_mask_triton(updates: list[Tensor], grads_nat: list[Tensor], grads_adv: list[Tensor],
+                     alpha: float, p: float) -> tuple[Tensor, Tensor, Tensor]:
+    from cure_kernels.triton_rgp_mask import rgp_mask_triton
+
+    return rgp_mask_triton(updates, grads_nat, grads_adv, alpha, p)
+
+
+@torch.library.custom_op("cure::revise_triton", mutates_args=("revision",))
+def _revise_triton(revision: list[Tensor], params: list[Tensor], decay: float) -> None:
+    from cure_kernels.triton_revise import revise_triton
+
+    revise_triton(revision, params, decay)
+
+
+for _op in (_rgp_mask_reference, _rgp_mask_triton):
+    _op.register_fake(_rgp_mask_fake)
+for _op in (_revise_reference, _revise_triton):
+    _op.register_fake(_revise_fake)
+
+# --- C++ (CPU and CUDA keys of one op name) -------------------------------------------------
+if backends.PROBE.extension_error is None:
+    torch.library.register_fake("cure::rgp_mask")(_rgp_mask_fake)
+    torch.library.register_fake("cure::revise")(_revise_fake)
+
+
+def _mask_op(name: str):
+    if name == "reference":
+        return torch.ops.cure.rgp_mask_reference
+    if name == "triton":
+        return torch.ops.cure.rgp_mask_triton
+    return torch.ops.cure.rgp_mask
+
+
+def _revise_op(name: str):
+    if name == "reference":
+        return torch.ops.cure.revise_reference
+    if name == "triton":
+        return torch.ops.cure.revise_triton
+    return torch.ops.cure.revise
+
+
+_warned_fallback: set[str] = set()
+
+
+def _resolve(backend: str, device: torch.device) -> str:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__} {backend!r}")
+    name = backends.resolve_backend(backend, device)
+    if backend == "auto" and name == "reference" and device.type not in _warned_fallback:
+        _warned_fallback.add(device.type)
+        if not torch.compiler.is_compiling():
+            why = backends.unavailable_reason("cpu" if device.type == "cpu" else "triton", device)
+            warnings.warn(f"cure_kernels: no fast backend for {device.type} tensors ({why}); "
+                          f"using the slow reference implementation", stacklevel=3)
+    return name
+
+
+def rgp_mask_(updates: Sequence[Tensor], grads_nat: Sequence[Tensor], grads_adv: Sequence[Tensor],
+              *, alpha: float, p: float, backend: str = "auto") -> MaskStats:
+    """Conserve step of CURE: zero the least prominent entries of each update, in place.
+
+    For every tensor i, with s = alpha*|grads_nat[i]| + (1-alpha)*|grads_adv[i]| (Robust Gradient
+    Prominence, paper Eq. 6, in float32), sets ``updates[i][s < quantile(s, p)] = 0`` where the
+    quantile is exactly ``numpy.quantile`` (SPEC section 2). ``p`` is the conserved fraction.
+
+    Args:
+        updates: the gradients to mask (typically ``param.grad``), modified in place.
+        grads_nat: gradients of the natural cross-entropy, one per update.
+        grads_adv: gradients of the adversarial cross-entropy, one per update.
+        alpha: weight of the natural gradient in the score, in [0, 1].
+        p: fraction of entries to conserve per tensor, in [0, 1].
+        backend: "auto", "reference", "cpu", "triton" or "cuda".
+
+    Returns:
+        :class:`MaskStats` on the tensors' device, computed without a host synchronisation.
+    """
+    alpha = check_fraction("alpha", alpha)
+    p = check_fraction("p", p)
+    ups, gns, gas = check_tensor_lists(("updates", "grads_nat", "grads_adv"), (updates, grads_nat, grads_adv))
+    name = _resolve(backend, ups[0].device if ups else torch.device("cpu"))
+    if not ups:
+        return MaskStats(*_mask_stats_like(ups))
+    return MaskStats(*_mask_op(name)(ups, gns, gas, alpha, p))
+
+
+def revise_(revision: Sequence[Tensor], params: Sequence[Tensor], *, decay: float,
+            backend: str = "auto") -> None:
+    """Revise step of CURE (paper Eq. 7): ``rev <- decay*rev + (1-decay)*param`` over the list, in place."""
+    decay = check_fraction("decay", decay)
+    revs, prms = check_tensor_lists(("revision", "params"), (revision, params))
+    name = _resolve(backend, revs[0].device if revs else torch.device("cpu"))
+    if revs:
+        _revise_op(name)(revs, prms, decay)

@@ -1,0 +1,106 @@
+"""Reference implementation of CURE's masking and revision ops: the oracle.
+
+Short and obviously correct, not fast. Every other backend (C++ CPU, Triton, CUDA) is tested
+against these functions bit for bit; see SPEC section 2 ("exact masking semantics").
+
+Robust Gradient Prominence (paper Eq. 6), per parameter tensor, elementwise::
+
+    s = alpha * |dL_nat/dw| + (1 - alpha) * |dL_rob/dw|
+
+in float32, each product and the sum rounded separately. The update entries whose score lies
+below the tensor's p-quantile (``numpy.quantile(s, p)``, default 'linear' method) are zeroed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "rgp_scores",
+    "quantile_threshold",
+    "threshold_from_order_statistics",
+    "rgp_mask_reference",
+    "revise_reference",
+]
+
+
+def rgp_scores(grad_nat: torch.Tensor, grad_adv: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Robust Gradient Prominence scores (Eq. 6) in float32.
+
+    bfloat16/float16 gradients are upcast first. ``alpha`` and ``1 - alpha`` (computed in
+    double, like Python does) are each rounded to float32; no fused multiply-add.
+    """
+    return alpha * grad_nat.float().abs() + (1.0 - alpha) * grad_adv.float().abs()
+
+
+def quantile_threshold(scores: torch.Tensor, p: float) -> float:
+    """``numpy.quantile(scores, p)`` as a float32 value; NaN for an empty tensor."""
+    flat = scores.detach().reshape(-1).to("cpu", torch.float32).numpy()
+    if flat.size == 0:
+        return float("nan")
+    # p must be a Python float: numpy then takes its "weak scalar" path, where the interpolation
+    # weight is rounded to float32 (an integer p would skip interpolation altogether).
+    return float(np.float32(np.quantile(flat, float(p))))
+
+
+def threshold_from_order_statistics(a: float, b: float, n: int, p: float) -> float:
+    """numpy's linear interpolation written out, given v[k] = a and v[k+1] = b (SPEC section 2).
+
+    With h = (n - 1) * p in float64, k = floor(h) and g = h - k, the threshold is
+    ``f32(a + d * f32(g))`` when g < 0.5 and ``f32(b - d * f32(1 - g))`` otherwise, where
+    d = f32(b - a). When k >= n - 1, both a and b are v[n - 1]. This is the formula the fast
+    backends implement; it exists here so tests can check it against numpy itself.
+    """
+    h = (n - 1) * float(p)
+    g = h - math.floor(h)
+    a32, b32 = np.float32(a), np.float32(b)
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = np.float32(b32 - a32)
+        if g < 0.5:
+            return float(np.float32(a32 + np.float32(d * np.float32(g))))
+        return float(np.float32(b32 - np.float32(d * np.float32(1.0 - g))))
+
+
+def _rgp_mask_one(update: torch.Tensor, grad_nat: torch.Tensor, grad_adv: torch.Tensor,
+                  alpha: float, p: float) -> tuple[float, int, int]:
+    if update.numel() == 0:
+        return float("nan"), 0, 0
+    scores = rgp_scores(grad_nat, grad_adv, alpha)
+    thr = quantile_threshold(scores, p)
+    conserved = scores < torch.tensor(thr, dtype=torch.float32, device=scores.device)
+    update.masked_fill_(conserved, 0)
+    kept = update.numel() - int(conserved.sum())
+    nonfinite = int((~torch.isfinite(scores)).sum())
+    return thr, kept, nonfinite
+
+
+def rgp_mask_reference(updates: Sequence[torch.Tensor], grads_nat: Sequence[torch.Tensor],
+                       grads_adv: Sequence[torch.Tensor], alpha: float, p: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zero, in place, the entries of each ``updates[i]`` whose score is below its p-quantile.
+
+    Returns ``(thresholds float32[T], kept int64[T], nonfinite int64[T])``. Entries are compared by
+    value (``s < thr``), so ties at the threshold are kept; a NaN score makes the threshold NaN
+    and nothing is masked. Synchronises with the host (it calls numpy): oracle only.
+    """
+    results = [_rgp_mask_one(u, gn, ga, alpha, p) for u, gn, ga in zip(updates, grads_nat, grads_adv)]
+    device = updates[0].device if len(updates) else torch.device("cpu")
+    thresholds = torch.tensor([r[0] for r in results], dtype=torch.float32, device=device)
+    kept = torch.tensor([r[1] for r in results], dtype=torch.int64, device=device)
+    nonfinite = torch.tensor([r[2] for r in results], dtype=torch.int64, device=device)
+    return thresholds, kept, nonfinite
+
+
+def revise_reference(revision: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+                     decay: float) -> None:
+    """Revision model update (paper Eq. 7): ``rev <- decay * rev + (1 - decay) * param``, in place.
+
+    Computed in float32 with each product and the sum rounded separately, then stored in the
+    revision tensor's dtype.
+    """
+    for rev, param in zip(revision, params):
+        rev.copy_(decay * rev.float() + (1.0 - decay) * param.float())
