@@ -7,6 +7,7 @@
 
 from cure_kernels.backends import BACKENDS
 from cure_kernels.ops import MaskStats, available_backends, revise_, rgp_mask_
+from cure_kernels.prominence import ProminenceMasker
 
-__all__ = ["BACKENDS", "MaskStats", "available_backends", "revise_", "rgp_mask_"]
+__all__ = ["BACKENDS", "MaskStats", "ProminenceMasker", "available_backends", "revise_", "rgp_mask_"]
 __version__ = "0.1.0"

@@ -1,0 +1,156 @@
+"""``ProminenceMasker``: CURE's conserve step for any PyTorch training loop.
+
+It owns three flat gradient buffers per parameter dtype -- natural, adversarial and update -- and
+makes every ``param.grad`` a view into them, so that one kernel launch (and one DDP all-reduce)
+covers all parameters. A training step then reads::
+
+    masker = ProminenceMasker(model.parameters(), alpha=0.1, p=0.3)
+    ...
+    masker.zero_grad()
+    with masker.capture("nat"):
+        loss_nat.backward(retain_graph=True)    # dL_nat/dw lands in masker.grads_nat
+    with masker.capture("adv"):
+        loss_rob.backward(retain_graph=True)    # dL_rob/dw lands in masker.grads_adv
+    loss.backward()                             # dL/dw lands in param.grad, as usual
+    stats = masker.mask_()                      # zero the p least prominent entries per tensor
+    optimizer.step()
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from cure_kernels.ops import MaskStats, rgp_mask_
+from cure_kernels.validation import SUPPORTED_DTYPES, check_fraction
+
+__all__ = ["ProminenceMasker"]
+
+_KINDS = ("nat", "adv", "update")
+
+
+class ProminenceMasker:
+    """Holds the gradients CURE's Robust Gradient Prominence needs and masks ``param.grad`` with them.
+
+    Args:
+        params: the parameters to mask (those with ``requires_grad``; others are ignored).
+        alpha: weight of the natural gradient in the score s = alpha*|g_nat| + (1-alpha)*|g_adv| (Eq. 6).
+        p: conserved fraction: in every tensor, the p least prominent entries of the update are zeroed.
+        backend: passed to :func:`cure_kernels.rgp_mask_` ("auto", "reference", "cpu", "triton", "cuda").
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], *, alpha: float, p: float, backend: str = "auto"):
+        self.alpha = check_fraction("alpha", alpha)
+        self.p = check_fraction("p", p)
+        self.backend = backend
+        self.params = [q for q in params if q.requires_grad]
+        if not self.params:
+            raise ValueError("params holds no parameter that requires grad; pass model.parameters()")
+        devices = {q.device for q in self.params}
+        if len(devices) > 1:
+            raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
+        for i, q in enumerate(self.params):
+            if q.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(f"params[{i}] has dtype {q.dtype}; supported are float32, bfloat16, float16")
+        # One flat buffer per (kind, dtype); views in parameter order.
+        self.buffers: dict[str, dict[torch.dtype, Tensor]] = {k: {} for k in _KINDS}
+        self._views: dict[str, list[Tensor]] = {k: [] for k in _KINDS}
+        dtypes = list(dict.fromkeys(q.dtype for q in self.params))
+        for dtype in dtypes:
+            members = [q for q in self.params if q.dtype == dtype]
+            total = sum(q.numel() for q in members)
+            for kind in _KINDS:
+                self.buffers[kind][dtype] = torch.zeros(total, dtype=dtype, device=self.params[0].device)
+        offsets = dict.fromkeys(dtypes, 0)
+        for q in self.params:
+            start, n = offsets[q.dtype], q.numel()
+            for kind in _KINDS:
+                self._views[kind].append(self.buffers[kind][q.dtype][start:start + n].view_as(q))
+            offsets[q.dtype] = start + n
+        for q, view in zip(self.params, self._views["update"]):
+            if q.grad is not None:
+                view.copy_(q.grad)
+            q.grad = view
+
+    @property
+    def grads_nat(self) -> list[Tensor]:
+        """dL_nat/dw per parameter (views into the flat natural-gradient buffers)."""
+        return self._views["nat"]
+
+    @property
+    def grads_adv(self) -> list[Tensor]:
+        """dL_rob/dw per parameter (views into the flat adversarial-gradient buffers)."""
+        return self._views["adv"]
+
+    @property
+    def updates(self) -> list[Tensor]:
+        """The parameters' ``.grad`` tensors (views into the flat update buffers)."""
+        return self._views["update"]
+
+    def zero_grad(self) -> None:
+        """Zero the update gradients and make every ``param.grad`` a view of the flat buffer again.
+
+        Use this instead of ``optimizer.zero_grad()``, whose default (``set_to_none=True``) drops the views.
+        """
+        for buf in self.buffers["update"].values():
+            buf.zero_()
+        for q, view in zip(self.params, self._views["update"]):
+            q.grad = view
+
+    @contextlib.contextmanager
+    def capture(self, kind: str) -> Iterator[None]:
+        """Route the gradients of backward passes inside the block into the ``kind`` buffers.
+
+        ``kind`` is "nat" (the natural cross-entropy) or "adv" (the adversarial cross-entropy). The
+        buffers are zeroed on entry; ``param.grad`` is restored on exit.
+        """
+        if kind not in ("nat", "adv"):
+            raise ValueError(f"kind must be 'nat' or 'adv', got {kind!r}")
+        for buf in self.buffers[kind].values():
+            buf.zero_()
+        saved = [q.grad for q in self.params]
+        views = self._views[kind]
+        for q, view in zip(self.params, views):
+            q.grad = view
+        try:
+            yield
+        finally:
+            for q, view, grad in zip(self.params, views, saved):
+                # Autograd accumulates in place into an existing .grad; if something replaced it, keep the values.
+                if q.grad is not None and q.grad.data_ptr() != view.data_ptr():
+                    view.copy_(q.grad)
+                q.grad = grad
+
+    def _current_updates(self) -> list[Tensor]:
+        # A parameter may hold a .grad that is not our view (e.g. after optimizer.zero_grad()); mask that one.
+        return [q.grad if q.grad is not None else view for q, view in zip(self.params, self._views["update"])]
+
+    def mask_(self) -> MaskStats:
+        """Zero, in place, the entries of every ``param.grad`` whose prominence is below its tensor's
+        p-quantile (the conserve step). Returns the per-tensor :class:`~cure_kernels.MaskStats`."""
+        return rgp_mask_(self._current_updates(), self.grads_nat, self.grads_adv,
+                         alpha=self.alpha, p=self.p, backend=self.backend)
+
+    def keep_masks(self) -> tuple[list[Tensor], MaskStats]:
+        """Per-parameter masks (1 = updated, 0 = conserved) in the parameters' dtypes, without touching .grad.
+
+        For the "freeze the whole update" mode, where conserved weights must not move at all (weight decay and
+        momentum included).
+        """
+        if not hasattr(self, "_keep_buffers"):  # built on first use: most runs mask the gradient only
+            self._keep_buffers = {d: torch.empty_like(b) for d, b in self.buffers["update"].items()}
+            offsets = dict.fromkeys(self._keep_buffers, 0)
+            self._keep_views = []
+            for q in self.params:
+                start = offsets[q.dtype]
+                self._keep_views.append(self._keep_buffers[q.dtype][start:start + q.numel()].view_as(q))
+                offsets[q.dtype] = start + q.numel()
+        for buf in self._keep_buffers.values():
+            buf.fill_(1)
+        keeps = self._keep_views
+        stats = rgp_mask_(keeps, self.grads_nat, self.grads_adv, alpha=self.alpha, p=self.p,
+                          backend=self.backend)
+        return keeps, stats
