@@ -5,6 +5,9 @@ Environment switches (flash-attention style):
   CUDA_HOME=/path          the CUDA toolkit to use (default: /usr/local/cuda if it exists).
   TORCH_CUDA_ARCH_LIST     GPU architectures to compile for (default here: "9.0", Hopper).
   MAX_JOBS=N               parallel compile jobs for ninja (default: number of cores).
+  CURE_NO_BUILD=1          build nothing (the extension was already built in place with
+                           `python setup.py build_ext --inplace`, whose ninja cache in build/ makes
+                           rebuilds incremental); used by scripts/setup_env.sh.
 
 Install with ``pip install --no-build-isolation -e .`` so the build uses the torch you have.
 """
@@ -52,6 +55,8 @@ def _check_cuda_versions(home: str) -> None:
 
 
 def extensions() -> list:
+    if os.environ.get("CURE_NO_BUILD", "0") == "1":
+        return []
     cpu_sources = _rel([os.path.join(ROOT, "csrc", "cure_ops.cpp")]
                        + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
