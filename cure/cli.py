@@ -1,0 +1,320 @@
+"""Command line: ``cure train``, ``cure eval`` and ``cure presets`` (``python -m cure ...`` is the same).
+
+    cure train --method st --dataset fashion-mnist --arch cnn --epochs 2 --out runs/st
+    cure train --method cure --dataset fashion-mnist --arch cnn --epochs 5 --init runs/st/last.pt \
+        --out runs/cure
+    cure train --out runs/cure --resume
+    cure eval --checkpoint runs/cure/last.pt --attacks nat,pgd20,cw,aa --which both
+
+Every bad argument is reported argparse-style (exit status 2) before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+
+def _csv_list(kind):
+    def parse(text: str):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        try:
+            return tuple(kind(t) for t in items)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"bad list {text!r}: {exc}") from exc
+
+    return parse
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from cure.config import DEVICES, LR_SCHEDULES, MASK_MODES, METHODS
+
+    B = argparse.BooleanOptionalAction
+    g = p.add_argument_group("run")
+    g.add_argument(
+        "--out", required=True, type=Path, help="run directory (config, metrics, checkpoints, summary)"
+    )
+    g.add_argument(
+        "--resume", action="store_true", help="continue the run in --out exactly where last.pt stopped"
+    )
+    g.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out")
+    g.add_argument(
+        "--preset",
+        default=None,
+        help="named defaults (see `cure presets`); default: the paper's Table 9 preset for the dataset "
+        "and arch when there is one. Explicit options override it",
+    )
+    g.add_argument("--method", choices=METHODS, help="st (natural), at (Madry), trades, cure (default)")
+    g.add_argument("--dataset", help="fashion-mnist (default), cifar10, cifar100, svhn")
+    g.add_argument("--arch", help="cnn, resnet18, preact-resnet18, wrn-34-10")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", choices=DEVICES)
+    g.add_argument("--amp", action=B, default=None, help="bfloat16 autocast for forward passes")
+    g.add_argument("--compile", action=B, default=None, help="torch.compile the model")
+    g.add_argument(
+        "--channels-last", action=B, default=None, help="channels-last memory format (default: on CUDA)"
+    )
+    g.add_argument("--kernel-backend", help="cure_kernels backend: auto, reference, cpu, triton, cuda")
+    g.add_argument(
+        "--checkpoint-every", type=int, help="also save last.pt every N steps (0: epoch ends only)"
+    )
+    g.add_argument(
+        "--log-every", type=int, help="steps between progress/TensorBoard updates and fault checks"
+    )
+    g.add_argument(
+        "--max-skipped-steps",
+        type=int,
+        help="stop when more consecutive steps than this had a non-finite loss or scores (default 20)",
+    )
+    g.add_argument("--progress", action=B, default=None, help="tqdm progress bars")
+
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data-root",
+        help="torchvision-layout dataset root (Fashion-MNIST is also found in "
+        "/usr/share/datasets/fashion-mnist)",
+    )
+    g.add_argument(
+        "--download", action=B, default=None, help="download CIFAR/SVHN into --data-root if missing"
+    )
+    g.add_argument("--train-samples", type=int, help="deterministic subset of the training split")
+    g.add_argument("--val-size", type=int, help="training images held out for model selection")
+    g.add_argument(
+        "--eval-samples", type=int, help="deterministic subset of the test split for the final evaluation"
+    )
+    g.add_argument("--data-seed", type=int, help="seed of the validation split and the subsets")
+    g.add_argument("--eval-attacks", type=_csv_list(str), help="final evaluation, e.g. nat,pgd20,cw,aa")
+    g.add_argument("--eval-batch-size", type=int)
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES)
+    g.add_argument(
+        "--lr-milestones", type=_csv_list(int), help="epochs where the piecewise lr drops, e.g. 100,150"
+    )
+    g.add_argument("--lr-decay", type=float, help="piecewise factor (default 0.1)")
+
+    g = p.add_argument_group("attack (training)")
+    g.add_argument("--eps", type=float, help="L-inf radius for inputs in [0, 1] (default: the dataset's)")
+    g.add_argument("--step-size", type=float, help="PGD step (default: the dataset's)")
+    g.add_argument("--attack-steps", type=int, help="K")
+
+    g = p.add_argument_group("CURE")
+    g.add_argument("--beta", type=float, help="KL weight of TRADES/CURE")
+    g.add_argument("--gamma", type=float, help="consistency weight of L_CR")
+    g.add_argument("--alpha", type=float, help="weight of |dL_nat/dw| in the prominence score")
+    g.add_argument("-p", "--conserve-fraction", dest="p", type=float, help="conserved fraction per tensor")
+    g.add_argument(
+        "--mask-mode",
+        choices=MASK_MODES,
+        help="grad: mask the gradient (default, like the official code); update: freeze conserved "
+        "weights entirely (momentum and weight decay too)",
+    )
+    g.add_argument("--no-mask", action="store_true", default=None, help="ablation: no RGP masking")
+    g.add_argument(
+        "--no-revision", action="store_true", default=None, help="ablation: no revision model / L_CR"
+    )
+    g.add_argument("--revision-rate", type=float, help="r")
+    g.add_argument("--revision-decay", type=float, help="d")
+    g.add_argument("--revision-rate-decay-epoch", type=int, help="from this epoch on r is multiplied by ...")
+    g.add_argument("--revision-rate-decay-factor", type=float, help="... this factor (default 0.5)")
+    g.add_argument(
+        "--init", help="checkpoint to start from (natural pre-training: DIR/last.pt of a --method st run)"
+    )
+    g.add_argument("--warmup-epochs", type=int, help="CURE-Eff: natural training for the first N of --epochs")
+
+
+_NOT_CONFIG = {"command", "subparser", "out", "resume", "overwrite", "preset"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cure", description="CURE (Conserve-Update-Revise) adversarial training"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,presets}")
+    p_train = sub.add_parser("train", help="train a model", description="Train ST, AT, TRADES or CURE.")
+    _add_train_arguments(p_train)
+    p_train.set_defaults(subparser=p_train)
+    p_eval = sub.add_parser(
+        "eval", help="evaluate a checkpoint", description="Evaluate a checkpoint on the test split."
+    )
+    p_eval.add_argument("--checkpoint", required=True, type=Path, help="DIR/last.pt or DIR/best.pt")
+    p_eval.add_argument(
+        "--attacks",
+        type=_csv_list(str),
+        default=("nat", "pgd20"),
+        help="comma-separated: nat, pgd20, pgd100, cw, aa (default nat,pgd20)",
+    )
+    p_eval.add_argument("--which", choices=("model", "revision", "both"), default="model")
+    p_eval.add_argument("--eval-samples", type=int, help="deterministic subset of the test split")
+    p_eval.add_argument("--eps", type=float, help="L-inf radius (default: the one the run trained with)")
+    p_eval.add_argument("--batch-size", type=int, default=256)
+    p_eval.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p_eval.add_argument("--data-root", help="dataset root (default: the run's)")
+    p_eval.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
+    p_eval.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p_eval.set_defaults(subparser=p_eval)
+    sub.add_parser("presets", help="list the named presets and the sources of their values")
+    return parser
+
+
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from cure.config import ConfigError, resolve_config
+    from cure.train import TrainingError, prepare_output_dir, resume_config, train
+
+    explicit = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG and v is not None}
+    try:
+        if args.resume:
+            if args.overwrite:
+                raise ConfigError("--resume and --overwrite contradict each other; pick one")
+            prepare_output_dir(args.out, resume=True, overwrite=False)
+            cfg = resume_config(args.out, explicit)
+        else:
+            cfg = resolve_config(explicit, preset=args.preset if args.preset is not None else "auto")
+            if cfg.init is not None and not Path(cfg.init).is_file():
+                raise ConfigError(
+                    f"--init {cfg.init} does not exist (expected DIR/last.pt of `cure train --method st`)"
+                )
+            prepare_output_dir(args.out, resume=False, overwrite=args.overwrite)
+    except (ConfigError, OSError) as exc:
+        parser.error(str(exc))
+    try:
+        train(cfg, args.out, resume=args.resume, overwrite=False)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    except TrainingError as exc:
+        print(f"cure train: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    from cure.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_model
+    from cure.config import TrainConfig
+    from cure.data import DATASETS, deterministic_subset, load_split
+    from cure.evaluation import ATTACKS, evaluate
+    from cure.train import nrr, select_device
+
+    for name in args.attacks:
+        if name not in ATTACKS:
+            parser.error(f"--attacks: unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
+    if args.eval_samples is not None and args.eval_samples < 1:
+        parser.error(f"--eval-samples must be at least 1, got {args.eval_samples}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.eps is not None and not 0 <= args.eps <= 1:
+        parser.error(f"--eps must lie in [0, 1], got {args.eps}")
+    try:
+        device = select_device(args.device)
+        state = load_checkpoint(args.checkpoint)
+    except (CheckpointError, ValueError) as exc:
+        parser.error(str(exc))
+    cfg = TrainConfig.from_dict(state["config"])
+    whiches = ("model", "revision") if args.which == "both" else (args.which,)
+    if "revision" in whiches and state.get("revision") is None:
+        if args.which == "revision":
+            parser.error(f"{args.checkpoint} holds no revision model (method {cfg.method})")
+        whiches = ("model",)
+    del state
+    spec = DATASETS[cfg.dataset]
+    eps = args.eps if args.eps is not None else (cfg.eps if cfg.eps is not None else spec.eps)
+    images, labels = load_split(cfg.dataset, args.data_root or cfg.data_root, train=False, download=False)
+    if args.eval_samples is not None and args.eval_samples < len(labels):
+        images, labels = deterministic_subset(images, labels, args.eval_samples, seed=cfg.data_seed)
+    results: dict[str, dict[str, float]] = {}
+    for which in whiches:
+        model = load_model(args.checkpoint, which=which, map_location=device)
+        res = evaluate(
+            model,
+            images,
+            labels,
+            spec=spec,
+            attacks=tuple(args.attacks),
+            batch_size=args.batch_size,
+            device=device,
+            eps=eps,
+            progress=args.progress,
+            seed=args.seed,
+        )
+        row: dict[str, float] = {f"{k}_acc": v for k, v in res.items()}
+        if "nat" in res:
+            for rob, key in (("pgd20", "nrr"), ("cw", "nrr_cw"), ("aa", "nrr_aa")):
+                if rob in res:
+                    row[key] = nrr(res["nat"], res[rob])
+        results[which] = row
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    titles = {
+        "nat_acc": "Nat",
+        "pgd20_acc": "PGD-20",
+        "pgd100_acc": "PGD-100",
+        "cw_acc": "C&W",
+        "aa_acc": "AA",
+        "nrr": "NRR",
+        "nrr_cw": "NRR(C&W)",
+        "nrr_aa": "NRR(AA)",
+    }
+    keys = [k for k in titles if any(k in r for r in results.values())]
+    print(
+        f"{args.checkpoint}: {cfg.method} on {cfg.dataset} ({cfg.arch}), {len(labels)} test images, "
+        f"L-inf eps {eps:.4g}; accuracies in %"
+    )
+    print(f"{'model':<9}" + "".join(f"{titles[k]:>10}" for k in keys))
+    for which, row in results.items():
+        print(f"{which:<9}" + "".join(f"{row[k]:>10.2f}" if k in row else f"{'-':>10}" for k in keys))
+    path = args.checkpoint.parent / "eval.json"
+    existing: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            existing = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            existing = {}
+    existing[args.checkpoint.name] = {
+        "eps": eps,
+        "test_images": int(len(labels)),
+        "attacks": list(args.attacks),
+        "seed": args.seed,
+        **results,
+    }
+    atomic_write_text(json.dumps(existing, indent=2) + "\n", path)
+    print(f"results written to {path}")
+    return 0
+
+
+def _presets() -> int:
+    from cure.config import PRESETS
+
+    for name, preset in PRESETS.items():
+        print(f"{name}: {preset.description}")
+        for key, value in preset.values.items():
+            source = preset.sources.get(key, "")
+            print(f"    {key:<16} {value!r:<24} {source}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        return _train(args, args.subparser)
+    if args.command == "eval":
+        return _eval(args, args.subparser)
+    return _presets()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,444 @@
+"""Every hyper-parameter of a training run, the published presets they come from, and their checks.
+
+A run is described by one :class:`TrainConfig`. Values are layered: the dataclass defaults, then a
+preset (the paper's Table 9 for its (dataset, architecture) pairs, our own for Fashion-MNIST), then
+whatever the user sets explicitly. :func:`resolve_config` does the layering and :meth:`TrainConfig.validate`
+checks the result before any work starts, with errors that name the field and the value.
+
+Sources of the published values:
+
+* **paper Table 9** -- learning rate 0.1, 200 epochs, revision rate r = 0.2, revision decay d = 0.999,
+  and per (architecture, dataset) the conserved fraction p, the score weight alpha and the consistency
+  weight gamma.
+* **paper text** -- weight decay 5e-3, TRADES beta = 1, CIFAR threat model eps = 8/255, eta = eps/4,
+  K = 10 attack steps.
+* **official README** (github NeurAI-Lab/CURE) -- batch size 128 and a second parameter block with
+  weight decay 7e-4 and 120 epochs (our ``official-readme`` variants).
+* **official code** -- the learning-rate schedule: step decay by 0.1 at epochs 100 and 150 (its
+  ``--epoch_step`` default), i.e. at 50 % and 75 % of the paper's 200 epochs. The paper states no schedule;
+  we use this one ("piecewise") and scale the milestones with ``epochs`` unless they are given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+__all__ = [
+    "METHODS",
+    "MASK_MODES",
+    "LR_SCHEDULES",
+    "DEVICES",
+    "PRESETS",
+    "Preset",
+    "ConfigError",
+    "TrainConfig",
+    "default_preset_name",
+    "resolve_config",
+]
+
+METHODS = ("st", "at", "trades", "cure")
+MASK_MODES = ("grad", "update")
+LR_SCHEDULES = ("piecewise", "cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+#: Fields a resumed run may change: they do not alter what is computed, only where and how it is reported.
+RESUMABLE_OVERRIDES = frozenset(
+    {"device", "data_root", "download", "progress", "checkpoint_every", "log_every"}
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the value."""
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Accuracies are reported in percent; fractions live in [0, 1]."""
+
+    # --- what to train
+    method: str = "cure"  # st (natural), at (Madry), trades, cure
+    dataset: str = "fashion-mnist"
+    arch: str = "cnn"
+    preset: str | None = None  # name of the preset the defaults came from (recorded; see PRESETS)
+    # --- optimisation (SGD, momentum 0.9, no Nesterov)
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "piecewise"  # piecewise: x lr_decay at each milestone; cosine: to 0 over all steps
+    lr_milestones: tuple[int, ...] | None = None  # epochs (0-based) where the lr drops; None: 50 % and 75 %
+    lr_decay: float = 0.1
+    # --- threat model and inner maximisation (None: the dataset's usual values)
+    eps: float | None = None  # L-inf radius, inputs in [0, 1]
+    step_size: float | None = None  # PGD step eta
+    attack_steps: int = 10  # K
+    # --- losses
+    beta: float = 1.0  # TRADES / CURE KL weight (Eq. 5)
+    gamma: float = 1.0  # consistency weight of L_CR (Eq. 8)
+    # --- conserve: Robust Gradient Prominence (Eq. 6)
+    alpha: float = 0.1  # weight of |dL_nat/dw| in the score
+    p: float = 0.3  # conserved fraction per tensor
+    mask_mode: str = "grad"  # grad: mask the gradient (official); update: also freeze momentum and decay
+    no_mask: bool = False  # ablation: no RGP masking (and no extra backward passes)
+    # --- revise (Eq. 7)
+    revision_rate: float = 0.2  # r: probability of an EMA update per step
+    revision_decay: float = 0.999  # d; warmed up as d_t = min(1 - 1/(t + 1), d)
+    revision_rate_decay_epoch: int | None = None  # from this epoch (0-based) on, r is multiplied by ...
+    revision_rate_decay_factor: float = 0.5  # ... this factor (the paper decays r late in training)
+    no_revision: bool = False  # ablation: no L_CR and no revision model
+    # --- natural pre-training
+    init: str | None = None  # checkpoint (e.g. DIR/last.pt of `cure train --method st`) to start from
+    warmup_epochs: int = 0  # CURE-Eff: the first N epochs are natural training, inside `epochs`
+    # --- data
+    data_root: str = "data"
+    download: bool = False
+    train_samples: int | None = (
+        None  # deterministic subset of the training split (after the validation split)
+    )
+    val_size: int = 1000  # images held out of the training split for model selection
+    eval_samples: int | None = None  # deterministic subset of the test split for the final evaluation
+    data_seed: int = 0  # seed of the validation split and of the subsets (the same for every training seed)
+    # --- evaluation
+    eval_attacks: tuple[str, ...] = ("nat", "pgd20")
+    eval_batch_size: int = 256
+    # --- run
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False  # bfloat16 autocast for the forward passes (losses and softmax stay float32)
+    compile: bool = False  # torch.compile the model
+    channels_last: bool | None = None  # None: on for CUDA, off for CPU
+    kernel_backend: str = "auto"  # cure_kernels backend for masking and revision
+    checkpoint_every: int = 0  # also save last.pt every N optimizer steps (0: at epoch ends only)
+    log_every: int = 20  # steps between host synchronisations for progress, TensorBoard and fault checks
+    max_skipped_steps: int = 20  # stop when more consecutive steps than this had to be skipped
+    progress: bool = True  # tqdm progress bars
+
+    # ------------------------------------------------------------------------------------------
+    def resolved_milestones(self) -> tuple[int, ...]:
+        """Epochs at which the piecewise schedule multiplies the learning rate by ``lr_decay``."""
+        if self.lr_milestones is not None:
+            return tuple(self.lr_milestones)
+        return tuple(sorted({self.epochs // 2, (3 * self.epochs) // 4} - {0}))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-compatible dict (tuples become lists)."""
+        out = dataclasses.asdict(self)
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown configuration field(s) {unknown}; known: {sorted(known)}")
+        values = dict(values)
+        for key in ("lr_milestones", "eval_attacks"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    def validate(self) -> TrainConfig:
+        """Check every value; raise :class:`ConfigError` naming the first bad field. Returns self."""
+        from cure.data import DATASETS
+        from cure.evaluation import ATTACKS
+        from cure.models import ARCHS
+
+        _choice("method", self.method, METHODS)
+        _choice("dataset", self.dataset, tuple(DATASETS))
+        _choice("arch", self.arch, tuple(ARCHS))
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice("mask_mode", self.mask_mode, MASK_MODES)
+        _choice("device", self.device, DEVICES)
+        _choice("kernel_backend", self.kernel_backend, ("auto", "reference", "cpu", "triton", "cuda"))
+        if self.preset is not None:
+            _choice("preset", self.preset, tuple(PRESETS))
+        _int("epochs", self.epochs, low=1)
+        _int("batch_size", self.batch_size, low=1)
+        _positive("lr", self.lr)
+        _fraction("momentum", self.momentum, upper_open=True)
+        _nonneg("weight_decay", self.weight_decay)
+        _fraction("lr_decay", self.lr_decay)
+        if self.lr_milestones is not None:
+            for m in self.lr_milestones:
+                _int("lr_milestones", m, low=1)
+            if list(self.lr_milestones) != sorted(set(self.lr_milestones)):
+                raise ConfigError(
+                    f"lr_milestones must be strictly increasing, got {list(self.lr_milestones)}"
+                )
+        if self.eps is not None:
+            _fraction("eps", self.eps)
+        if self.step_size is not None:
+            _positive("step_size", self.step_size)
+            if self.step_size > 1:
+                raise ConfigError(
+                    f"step_size must be at most 1 (inputs are in [0, 1]), got {self.step_size!r}"
+                )
+        _int("attack_steps", self.attack_steps, low=1)
+        _nonneg("beta", self.beta)
+        _nonneg("gamma", self.gamma)
+        _fraction("alpha", self.alpha)
+        _fraction("p", self.p)
+        _fraction("revision_rate", self.revision_rate)
+        _fraction("revision_decay", self.revision_decay)
+        if self.revision_rate_decay_epoch is not None:
+            _int("revision_rate_decay_epoch", self.revision_rate_decay_epoch, low=0)
+        _fraction("revision_rate_decay_factor", self.revision_rate_decay_factor)
+        _int("warmup_epochs", self.warmup_epochs, low=0)
+        if self.warmup_epochs >= self.epochs:
+            raise ConfigError(
+                f"warmup_epochs must be smaller than epochs ({self.epochs}), got {self.warmup_epochs}"
+            )
+        if self.warmup_epochs and self.method == "st":
+            raise ConfigError(
+                "warmup_epochs is a natural warm-up before adversarial training; it makes no sense "
+                "with method 'st'"
+            )
+        if self.init is not None and not isinstance(self.init, str):
+            raise ConfigError(f"init must be a path, got {self.init!r}")
+        if self.train_samples is not None:
+            _int("train_samples", self.train_samples, low=1)
+        _int("val_size", self.val_size, low=1)
+        if self.eval_samples is not None:
+            _int("eval_samples", self.eval_samples, low=1)
+        _int("data_seed", self.data_seed, low=0)
+        if not self.eval_attacks:
+            raise ConfigError("eval_attacks must name at least one attack, e.g. nat,pgd20")
+        for name in self.eval_attacks:
+            _choice("eval_attacks", name, tuple(ATTACKS))
+        _int("eval_batch_size", self.eval_batch_size, low=1)
+        _int("seed", self.seed, low=0)
+        _int("checkpoint_every", self.checkpoint_every, low=0)
+        _int("log_every", self.log_every, low=1)
+        _int("max_skipped_steps", self.max_skipped_steps, low=0)
+        return self
+
+    # Convenience views used by the trainer ------------------------------------------------------
+    @property
+    def uses_mask(self) -> bool:
+        """RGP masking runs (CURE without the no-mask ablation)."""
+        return self.method == "cure" and not self.no_mask
+
+    @property
+    def uses_revision(self) -> bool:
+        """A revision model is kept (CURE without the no-revision ablation)."""
+        return self.method == "cure" and not self.no_revision
+
+
+# ------------------------------------------------------------------------------------------------
+# Presets
+@dataclass(frozen=True)
+class Preset:
+    """Default values for one (dataset, architecture) setting and where each value comes from."""
+
+    dataset: str
+    arch: str
+    values: dict[str, Any]
+    sources: dict[str, str] = field(default_factory=dict)
+    description: str = ""
+
+
+_CIFAR_EPS = 8 / 255
+_PAPER_COMMON = {
+    "lr": 0.1,
+    "epochs": 200,
+    "batch_size": 128,
+    "weight_decay": 5e-3,
+    "momentum": 0.9,
+    "lr_schedule": "piecewise",
+    "lr_milestones": (100, 150),
+    "lr_decay": 0.1,
+    "eps": _CIFAR_EPS,
+    "step_size": _CIFAR_EPS / 4,
+    "attack_steps": 10,
+    "beta": 1.0,
+    "revision_rate": 0.2,
+    "revision_decay": 0.999,
+}
+_PAPER_SOURCES = {
+    "lr": "paper Table 9",
+    "epochs": "paper Table 9",
+    "revision_rate": "paper Table 9",
+    "revision_decay": "paper Table 9",
+    "p": "paper Table 9",
+    "alpha": "paper Table 9",
+    "gamma": "paper Table 9",
+    "weight_decay": "paper text (5e-3)",
+    "beta": "paper text (beta = 1)",
+    "eps": "paper text (8/255)",
+    "step_size": "paper text (eps/4 = 2/255)",
+    "attack_steps": "paper text (K = 10)",
+    "batch_size": "official README (128)",
+    "momentum": "paper text / official code (SGD, momentum 0.9)",
+    "lr_schedule": "official code (step decay; the paper states none)",
+    "lr_milestones": "official code (--epoch_step default 100 150)",
+    "lr_decay": "official code (0.1)",
+}
+
+
+def _paper(dataset: str, arch: str, p: float, alpha: float, gamma: float) -> Preset:
+    return Preset(
+        dataset,
+        arch,
+        {**_PAPER_COMMON, "p": p, "alpha": alpha, "gamma": gamma},
+        dict(_PAPER_SOURCES),
+        f"paper Table 9: {arch} on {dataset}",
+    )
+
+
+def _official_readme(dataset: str, arch: str, p: float, alpha: float, gamma: float) -> Preset:
+    base = _paper(dataset, arch, p, alpha, gamma)
+    values = {**base.values, "epochs": 120, "weight_decay": 7e-4, "lr_milestones": (100,)}
+    sources = {
+        **base.sources,
+        "epochs": "official README parameter block (120)",
+        "weight_decay": "official README parameter block (7e-4)",
+        "lr_milestones": "official code (--epoch_step default 100 150; only 100 lies within 120 epochs)",
+    }
+    return Preset(dataset, arch, values, sources, f"official README parameter block: {arch} on {dataset}")
+
+
+_FASHION_SOURCES = {
+    k: "ours (Fashion-MNIST is not in the paper)"
+    for k in (
+        "epochs",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "eps",
+        "step_size",
+        "attack_steps",
+        "p",
+        "alpha",
+        "gamma",
+        "lr_schedule",
+        "val_size",
+    )
+}
+_FASHION_SOURCES.update(
+    {
+        "eps": "ours: the usual Fashion-MNIST L-inf radius 0.1",
+        "revision_rate": "paper Table 9",
+        "revision_decay": "paper Table 9",
+        "beta": "paper text (beta = 1)",
+    }
+)
+
+PRESETS: dict[str, Preset] = {
+    "paper-cifar10-resnet18": _paper("cifar10", "resnet18", 0.30, 0.1, 1.0),
+    "paper-cifar100-resnet18": _paper("cifar100", "resnet18", 0.30, 0.1, 1.0),
+    "paper-svhn-resnet18": _paper("svhn", "resnet18", 0.30, 0.2, 1.0),
+    "paper-cifar10-wrn-34-10": _paper("cifar10", "wrn-34-10", 0.50, 0.3, 0.5),
+    "paper-cifar100-wrn-34-10": _paper("cifar100", "wrn-34-10", 0.50, 0.3, 0.5),
+    "paper-cifar10-preact-resnet18": _paper("cifar10", "preact-resnet18", 0.20, 0.2, 1.0),
+    "official-readme-cifar10-resnet18": _official_readme("cifar10", "resnet18", 0.30, 0.1, 1.0),
+    "fashion-mnist-cnn": Preset(
+        "fashion-mnist",
+        "cnn",
+        {
+            "epochs": 10,
+            "batch_size": 128,
+            "lr": 0.05,
+            "weight_decay": 5e-4,
+            "eps": 0.1,
+            "step_size": 0.025,
+            "attack_steps": 10,
+            "beta": 1.0,
+            "p": 0.3,
+            "alpha": 0.1,
+            "gamma": 1.0,
+            "revision_rate": 0.2,
+            "revision_decay": 0.999,
+            "lr_schedule": "piecewise",
+            "val_size": 1000,
+        },
+        _FASHION_SOURCES,
+        "ours: small CNN on Fashion-MNIST, L-inf eps 0.1, eta 0.025, K 10 (runs on a CPU)",
+    ),
+}
+
+
+def default_preset_name(dataset: str, arch: str) -> str | None:
+    """The preset used when none is named: the paper's for (dataset, arch), else ours for Fashion-MNIST."""
+    for name, preset in PRESETS.items():
+        if name.startswith(("paper-", "fashion-")) and preset.dataset == dataset and preset.arch == arch:
+            return name
+    return None
+
+
+def resolve_config(overrides: dict[str, Any], preset: str | None = "auto") -> TrainConfig:
+    """Layer dataclass defaults, a preset and explicit ``overrides``; validate and return the result.
+
+    ``preset`` is a name from :data:`PRESETS`, "auto" (the preset for the requested dataset and arch,
+    if there is one) or None (dataclass defaults only). Explicit overrides always win.
+    """
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"unknown configuration field(s) {unknown}")
+    base = TrainConfig()
+    dataset = overrides.get("dataset", base.dataset)
+    arch = overrides.get("arch", base.arch)
+    if preset == "auto":
+        preset = default_preset_name(dataset, arch)
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        chosen = PRESETS[preset]
+        if (chosen.dataset, chosen.arch) != (dataset, arch):
+            raise ConfigError(
+                f"preset {preset!r} is for {chosen.arch} on {chosen.dataset}, but the run trains "
+                f"{arch} on {dataset}; name the dataset and arch of the preset or another preset"
+            )
+        values.update(chosen.values)
+        values["preset"] = preset
+    values.update(overrides)
+    values.setdefault("dataset", dataset)
+    values.setdefault("arch", arch)
+    cfg = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()})
+    return cfg.validate()
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def _int(name: str, value: Any, *, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if value < low:
+        raise ConfigError(f"{name} must be at least {low}, got {value}")
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _positive(name: str, value: Any) -> None:
+    if _number(name, value) <= 0:
+        raise ConfigError(f"{name} must be positive, got {value!r}")
+
+
+def _nonneg(name: str, value: Any) -> None:
+    if _number(name, value) < 0:
+        raise ConfigError(f"{name} must be non-negative, got {value!r}")
+
+
+def _fraction(name: str, value: Any, *, upper_open: bool = False) -> None:
+    v = _number(name, value)
+    if not (0.0 <= v < 1.0 if upper_open else 0.0 <= v <= 1.0):
+        interval = "[0, 1)" if upper_open else "[0, 1]"
+        raise ConfigError(f"{name} must lie in {interval}, got {value!r}")

@@ -1,0 +1,308 @@
+"""One training step per method: ST, AT (Madry), TRADES and CURE (with its ablations).
+
+Notation: f is the network (logits), p(x) = softmax(f(x)), CE the cross-entropy, and
+KL(q || p) = sum_c q_c (log q_c - log p_c), averaged over the batch ("batchmean"). Softmax, KL and CE
+are computed in float32 even when the forward passes run under bfloat16 autocast.
+
+* **st** (natural training):       L = CE(f(x), y)
+* **at** (Madry et al.):            x_adv = PGD-CE(x) from a uniform random start;  L = CE(f(x_adv), y)
+* **trades** (Zhang et al.):        x_adv = argmax KL(p(x) || p(x')) (K signed steps from x + 0.001 N(0, I));
+  L = CE(f(x), y) + beta * KL(p(x) || p(x_adv))
+* **cure** (SPEC section 1, paper Eqs. 4-8), with theta_rev the revision model:
+  x_adv as in TRADES (Eq. 4); L_adv = CE(f(x), y) + beta * KL(p(x) || p(x_adv)) (Eq. 5);
+  L_CR = KL(p_rev(x) || p(x)) + KL(p_rev(x_adv) || p(x_adv)) (Eq. 8); L = L_adv + gamma * L_CR.
+  The Robust Gradient Prominence s = alpha |dL_nat/dw| + (1 - alpha) |dL_rob/dw| (Eq. 6), with
+  L_nat = CE(f(x), y) and L_rob = CE(f(x_adv), y), zeroes the entries of dL/dw below each tensor's
+  p-quantile (conserve), SGD applies the rest (update), and with probability r the revision model moves
+  towards the new weights (revise, Eq. 7).
+
+How CURE gets its three gradients: three backward passes over one graph. ``L_nat.backward`` and
+``L_rob.backward`` (``retain_graph=True``) only traverse the natural and the adversarial branch
+respectively, and ``L.backward`` traverses both, so a step costs four branch-backwards where TRADES needs
+two. That is the minimum: the cotangents of L at the two logits differ from those of L_nat and L_rob, so
+no gradient can be recovered from another by linearity. ``ProminenceMasker.capture`` routes the first two
+passes into flat buffers so masking is one kernel launch over all tensors. The no-mask ablation skips both
+extra passes.
+
+Faults without host synchronisation: every step computes a device flag ``bad`` (the loss is not finite,
+or the mask saw NaN/inf scores). The optimizer is ``torch.optim.SGD(fused=True)``, whose kernel reads the
+``found_inf`` tensor on the device and leaves parameters and momentum untouched when it is set, so a bad
+step is skipped without the host ever looking at the flag. The trainer reads the counts every
+``log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from cure.attacks import pgd, trades_pgd
+from cure.config import TrainConfig
+from cure.revision import RevisionModel
+from cure_kernels import MaskStats, ProminenceMasker
+
+__all__ = [
+    "StepContext",
+    "StepResult",
+    "STEP_FUNCTIONS",
+    "kl_divergence",
+    "natural_step",
+    "madry_step",
+    "trades_step",
+    "cure_step",
+]
+
+
+def kl_divergence(target_logits: Tensor, logits: Tensor) -> Tensor:
+    """KL(softmax(target_logits) || softmax(logits)), summed over classes, mean over the batch, in float32.
+
+    Gradients flow into both arguments unless the caller detaches one.
+    """
+    return F.kl_div(
+        F.log_softmax(logits.float(), dim=1),
+        F.log_softmax(target_logits.float(), dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+
+
+@dataclass
+class StepContext:
+    """Everything a step needs. ``model`` is what is called for forward passes (possibly a
+    ``torch.compile`` wrapper of ``module``); ``module`` owns the parameters."""
+
+    cfg: TrainConfig
+    model: Callable[[Tensor], Tensor]
+    module: nn.Module
+    optimizer: torch.optim.SGD
+    eps: float
+    step_size: float
+    attack_generator: torch.Generator  # on the training device: attack noise and random starts
+    revision_generator: torch.Generator  # on the CPU: the draws u ~ U(0, 1) of the revision stage
+    found_inf: Tensor  # float32 scalar on the device, read by the fused SGD kernel (1: skip the step)
+    masker: ProminenceMasker | None = None
+    revision: RevisionModel | None = None
+    revision_forward: Callable[[Tensor], Tensor] | None = None  # forward of revision.module (maybe compiled)
+    amp: bool = False
+    cure_step: int = 0  # t: steps taken in the CURE stage so far
+    revision_rate: float = 0.2  # current r (the trainer lowers it late in training if configured)
+    _param_numel: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self._param_numel = sum(q.numel() for q in self.module.parameters() if q.requires_grad)
+        self.optimizer.found_inf = self.found_inf  # the fused SGD kernel skips the step when this is 1
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast for forward passes when ``amp`` is on (a no-op context otherwise)."""
+        device_type = self.found_inf.device.type
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def zero_grad(self) -> None:
+        if self.masker is not None:
+            self.masker.zero_grad()  # keeps every .grad a view of the masker's flat buffer
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+@dataclass
+class StepResult:
+    """Device tensors describing one step (read by the trainer only every ``log_every`` steps)."""
+
+    loss: Tensor  # the minimised loss (float32 scalar, detached)
+    correct_nat: Tensor  # correct predictions on x (for at: on x_adv's natural counterpart is not computed)
+    correct_adv: Tensor  # correct predictions on x_adv (0 for st)
+    skipped: Tensor  # bool scalar: the update was not applied (non-finite loss or scores)
+    kept_fraction: Tensor  # fraction of gradient entries the mask kept (1 without masking)
+    nonfinite: Tensor  # non-finite prominence scores (0 without masking)
+    revised: bool = False  # the revision model was updated this step
+
+
+def _correct(logits: Tensor, y: Tensor) -> Tensor:
+    return (logits.detach().argmax(dim=1) == y).sum()
+
+
+def _apply_update(ctx: StepContext, bad: Tensor) -> None:
+    """SGD step unless ``bad`` (device bool); the decision is taken on the device by the fused kernel."""
+    ctx.found_inf.copy_(bad)
+    ctx.optimizer.step()
+
+
+def _zero(ctx: StepContext) -> Tensor:
+    return torch.zeros((), device=ctx.found_inf.device)
+
+
+def natural_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
+    """ST: one SGD step on CE(f(x), y)."""
+    ctx.module.train()
+    ctx.zero_grad()
+    with ctx.autocast():
+        logits = ctx.model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    loss.backward()
+    bad = ~torch.isfinite(loss)
+    _apply_update(ctx, bad)
+    zero = _zero(ctx)
+    return StepResult(loss.detach(), _correct(logits, y), zero, bad, zero + 1, zero)
+
+
+def madry_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
+    """AT (Madry): x_adv = PGD-CE from a uniform random start in the eps-ball; SGD on CE(f(x_adv), y)."""
+    cfg = ctx.cfg
+    with ctx.autocast():
+        x_adv = pgd(
+            ctx.model,
+            x,
+            y,
+            eps=ctx.eps,
+            step_size=ctx.step_size,
+            steps=cfg.attack_steps,
+            loss="ce",
+            random_start=True,
+            generator=ctx.attack_generator,
+        )
+    ctx.module.train()
+    ctx.zero_grad()
+    with ctx.autocast():
+        logits_adv = ctx.model(x_adv)
+    loss = F.cross_entropy(logits_adv.float(), y)
+    loss.backward()
+    bad = ~torch.isfinite(loss)
+    _apply_update(ctx, bad)
+    zero = _zero(ctx)
+    # Natural accuracy is not computed during AT steps (it would cost a forward pass); 0 is reported.
+    return StepResult(loss.detach(), zero, _correct(logits_adv, y), bad, zero + 1, zero)
+
+
+def trades_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
+    """TRADES: x_adv maximises KL(p(x) || p(x')); SGD on CE(f(x), y) + beta * KL(p(x) || p(x_adv))."""
+    cfg = ctx.cfg
+    with ctx.autocast():
+        x_adv = trades_pgd(
+            ctx.model,
+            x,
+            eps=ctx.eps,
+            step_size=ctx.step_size,
+            steps=cfg.attack_steps,
+            generator=ctx.attack_generator,
+        )
+    ctx.module.train()
+    ctx.zero_grad()
+    with ctx.autocast():
+        logits_nat = ctx.model(x)
+        logits_adv = ctx.model(x_adv)
+    loss = F.cross_entropy(logits_nat.float(), y) + cfg.beta * kl_divergence(logits_nat, logits_adv)
+    loss.backward()
+    bad = ~torch.isfinite(loss)
+    _apply_update(ctx, bad)
+    zero = _zero(ctx)
+    return StepResult(loss.detach(), _correct(logits_nat, y), _correct(logits_adv, y), bad, zero + 1, zero)
+
+
+@contextlib.contextmanager
+def _freeze_conserved(ctx: StepContext, keeps: list[Tensor]) -> Iterator[None]:
+    """Mask mode "update": conserved weights and their momentum come out of the optimizer step bit-identical.
+
+    Applies ``w <- where(keep, w_new, w_old)`` to every parameter and momentum buffer after the step, so
+    neither weight decay nor momentum moves a conserved entry.
+    """
+    params = ctx.masker.params
+    state = ctx.optimizer.state
+    old_params = [q.detach().clone() for q in params]
+    old_bufs = [
+        state[q]["momentum_buffer"].clone() if "momentum_buffer" in state[q] else None for q in params
+    ]
+    yield
+    with torch.no_grad():
+        for q, keep, old_p, old_b in zip(params, keeps, old_params, old_bufs):
+            conserved = keep == 0
+            q.copy_(torch.where(conserved, old_p, q))
+            if old_b is not None:
+                buf = state[q]["momentum_buffer"]
+                buf.copy_(torch.where(conserved, old_b, buf))
+
+
+def cure_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
+    """CURE: attack, losses (Eqs. 5 and 8), prominence mask (Eq. 6), SGD, stochastic revision (Eq. 7)."""
+    cfg = ctx.cfg
+    masker, revision = ctx.masker, ctx.revision
+    # 1. Attack (Eq. 4): TRADES-style KL maximisation, model in eval mode inside the attack.
+    with ctx.autocast():
+        x_adv = trades_pgd(
+            ctx.model,
+            x,
+            eps=ctx.eps,
+            step_size=ctx.step_size,
+            steps=cfg.attack_steps,
+            generator=ctx.attack_generator,
+        )
+    # 2. Losses, model in train mode.
+    ctx.module.train()
+    ctx.zero_grad()
+    with ctx.autocast():
+        logits_nat = ctx.model(x)
+        logits_adv = ctx.model(x_adv)
+    loss_nat = F.cross_entropy(logits_nat.float(), y)  # L_nat: prominence only (and part of L_adv)
+    loss_adv = loss_nat + cfg.beta * kl_divergence(logits_nat, logits_adv)  # Eq. 5
+    loss = loss_adv
+    if revision is not None:
+        with torch.no_grad(), ctx.autocast():
+            rev_nat = ctx.revision_forward(x)
+            rev_adv = ctx.revision_forward(x_adv)
+        loss_cr = kl_divergence(rev_nat, logits_nat) + kl_divergence(rev_adv, logits_adv)  # Eq. 8
+        loss = loss_adv + cfg.gamma * loss_cr
+    # 3. Gradients: dL_nat/dw and dL_rob/dw into the masker's buffers, dL/dw into .grad.
+    stats: MaskStats | None = None
+    keeps: list[Tensor] | None = None
+    if masker is not None:
+        loss_rob = F.cross_entropy(logits_adv.float(), y)  # L_rob: prominence only
+        with masker.capture("nat"):
+            loss_nat.backward(retain_graph=True)
+        with masker.capture("adv"):
+            loss_rob.backward(retain_graph=True)
+    loss.backward()
+    bad = ~torch.isfinite(loss)
+    # 4. Conserve: zero the least prominent fraction p of dL/dw in every tensor.
+    if masker is not None:
+        if cfg.mask_mode == "grad":
+            stats = masker.mask_()
+        else:
+            keeps, stats = masker.keep_masks()
+            torch._foreach_mul_([q.grad for q in masker.params], keeps)
+        bad = bad | (stats.nonfinite.sum() > 0)
+    # 5. Update (skipped on the device when bad).
+    with _freeze_conserved(ctx, keeps) if keeps is not None else contextlib.nullcontext():
+        _apply_update(ctx, bad)
+    # 6. Revise (Eq. 7): with probability r, theta_rev <- d_t theta_rev + (1 - d_t) theta.
+    ctx.cure_step += 1
+    revised = False
+    if revision is not None:
+        u = float(torch.rand((), generator=ctx.revision_generator))
+        revised = revision.step(ctx.cure_step, u, rate=ctx.revision_rate)
+    if stats is not None:
+        kept_fraction = stats.kept.sum().float() / ctx._param_numel
+        nonfinite = stats.nonfinite.sum().float()
+    else:
+        kept_fraction = _zero(ctx) + 1
+        nonfinite = _zero(ctx)
+    return StepResult(
+        loss.detach(),
+        _correct(logits_nat, y),
+        _correct(logits_adv, y),
+        bad,
+        kept_fraction,
+        nonfinite,
+        revised,
+    )
+
+
+STEP_FUNCTIONS: dict[str, Callable[[StepContext, Tensor, Tensor], StepResult]] = {
+    "st": natural_step,
+    "at": madry_step,
+    "trades": trades_step,
+    "cure": cure_step,
+}

@@ -1,0 +1,885 @@
+"""The training loop: data, model, optimizer, schedule, per-epoch validation, checkpoints and the summary.
+
+    summary = train(cfg, "runs/cure")              # a fresh run
+    summary = train(cfg, "runs/cure", resume=True)  # continue exactly where last.pt stopped
+
+Data: the training split minus a held-out validation split (``val_size`` images, used to pick the best
+epoch by validation PGD-20 accuracy -- never the test set); the test split (or a deterministic subset of
+``eval_samples`` images) is used once, for the final evaluation.
+
+Per epoch: training metrics (loss, natural and adversarial accuracy on the training batches, the mean
+fraction of gradient entries the mask kept, skipped steps, non-finite prominence scores, revision
+updates), validation accuracy (natural and PGD-20) of the model and of the revision model, one row of
+``metrics.csv``, TensorBoard scalars, ``last.pt`` and, when validation PGD-20 improves, ``best.pt``.
+
+The step itself never waits for the host: losses, accuracies and fault counters accumulate on the
+device and are read every ``log_every`` steps (progress bar, TensorBoard, the skipped-step check).
+
+Learning rate: "piecewise" multiplies lr by ``lr_decay`` at each milestone epoch (default 50 % and 75 %
+of the epochs, the official code's 100 and 150 of 200); "cosine" anneals it to 0 over all steps; the
+factor is a pure function of the optimizer step (``LambdaLR`` stepped once per batch).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from cure.checkpoint import (
+    FORMAT,
+    VERSION,
+    CheckpointError,
+    atomic_save,
+    atomic_write_text,
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+)
+from cure.config import RESUMABLE_OVERRIDES, ConfigError, TrainConfig
+from cure.methods import STEP_FUNCTIONS, StepContext, StepResult
+from cure.revision import RevisionModel
+
+__all__ = [
+    "TrainingError",
+    "train",
+    "resume_config",
+    "prepare_output_dir",
+    "select_device",
+    "results_table",
+    "OUTPUT_NAMES",
+    "METRIC_COLUMNS",
+]
+
+#: What a run writes into its directory (``--overwrite`` removes exactly these).
+OUTPUT_NAMES = (
+    "config.json",
+    "metrics.csv",
+    "summary.json",
+    "last.pt",
+    "best.pt",
+    "eval.json",
+    "tensorboard",
+)
+
+METRIC_COLUMNS = (
+    "epoch",
+    "stage",
+    "lr",
+    "train_loss",
+    "train_nat_acc",
+    "train_adv_acc",
+    "kept_fraction",
+    "skipped_steps",
+    "nonfinite_scores",
+    "revision_updates",
+    "val_nat_acc",
+    "val_pgd20_acc",
+    "val_nrr",
+    "rev_val_nat_acc",
+    "rev_val_pgd20_acc",
+    "rev_val_nrr",
+    "epoch_seconds",
+)
+_SUM_FIELDS = ("loss", "correct_nat", "correct_adv", "skipped", "kept_fraction", "nonfinite")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged, out of memory, inconsistent resume); the message says what to do."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Small helpers
+def select_device(name: str) -> torch.device:
+    """ "auto" -> CUDA when available, else CPU; "cuda" without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was requested but torch sees no CUDA GPU; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {name!r}")
+    return torch.device(name)
+
+
+def derived_seed(seed: int, *tags: Any) -> int:
+    """A 63-bit seed derived from ``seed`` and tags, identical in every process (unlike ``hash``)."""
+    digest = hashlib.sha256(repr((seed,) + tags).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def nrr(nat: float, rob: float) -> float:
+    """Natural-robustness ratio, the harmonic mean 2 Nat Rob / (Nat + Rob) (percent in, percent out)."""
+    return 0.0 if nat + rob <= 0 else 2.0 * nat * rob / (nat + rob)
+
+
+def prepare_output_dir(out: str | Path, *, resume: bool, overwrite: bool) -> Path:
+    """Check (and for ``overwrite`` clear) the run directory before any work starts."""
+    out = Path(out)
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pick one")
+    if resume:
+        if not (out / "last.pt").is_file():
+            raise ConfigError(f"--resume: {out / 'last.pt'} does not exist; start the run without --resume")
+        return out
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(
+                f"--out {out} already exists and is not empty; add --resume to continue that run "
+                f"or --overwrite to replace it"
+            )
+        for name in OUTPUT_NAMES:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        for tmp in out.glob("*.tmp"):
+            tmp.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _lr_factor(cfg: TrainConfig, steps_per_epoch: int):
+    milestones = cfg.resolved_milestones()
+    total = cfg.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if cfg.lr_schedule == "piecewise":
+            epoch = step // steps_per_epoch
+            return cfg.lr_decay ** sum(epoch >= m for m in milestones)
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+        return 1.0
+
+    return factor
+
+
+@dataclass
+class _Data:
+    train_x: Tensor
+    train_y: Tensor
+    val_x: Tensor
+    val_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+
+
+def _load_data(cfg: TrainConfig) -> _Data:
+    from cure.data import deterministic_subset, load_split, train_val_split
+
+    images, labels = load_split(cfg.dataset, cfg.data_root, train=True, download=cfg.download)
+    if cfg.val_size >= len(labels):
+        raise ConfigError(
+            f"val_size {cfg.val_size} leaves no training images (the training split has {len(labels)})"
+        )
+    tr_x, tr_y, va_x, va_y = train_val_split(images, labels, cfg.val_size, seed=cfg.data_seed)
+    if cfg.train_samples is not None:
+        if cfg.train_samples > len(tr_y):
+            raise ConfigError(
+                f"train_samples {cfg.train_samples} exceeds the {len(tr_y)} training images left "
+                f"after holding out {cfg.val_size} for validation"
+            )
+        tr_x, tr_y = deterministic_subset(tr_x, tr_y, cfg.train_samples, seed=cfg.data_seed)
+    if len(tr_y) < cfg.batch_size:
+        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(tr_y)} training images")
+    te_x, te_y = load_split(cfg.dataset, cfg.data_root, train=False, download=cfg.download)
+    if cfg.eval_samples is not None and cfg.eval_samples < len(te_y):
+        te_x, te_y = deterministic_subset(te_x, te_y, cfg.eval_samples, seed=cfg.data_seed)
+    return _Data(tr_x, tr_y, va_x, va_y, te_x, te_y)
+
+
+def _evaluate(
+    module: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    cfg: TrainConfig,
+    spec,
+    eps: float,
+    attacks,
+    device: torch.device,
+    progress: bool = False,
+) -> dict[str, float]:
+    from cure.evaluation import evaluate
+
+    was_training = module.training
+    module.eval()
+    try:
+        return evaluate(
+            module,
+            images,
+            labels,
+            spec=spec,
+            attacks=tuple(attacks),
+            batch_size=cfg.eval_batch_size,
+            device=device,
+            eps=eps,
+            progress=progress,
+            seed=cfg.seed,
+        )
+    finally:
+        module.train(was_training)
+
+
+def _accuracy_fields(res: dict[str, float], prefix: str = "") -> dict[str, float]:
+    """{'nat': .., 'pgd20': ..} -> {prefix+'nat_acc': .., prefix+'pgd20_acc': .., prefix+'nrr': .., ...}."""
+    out = {f"{prefix}{name}_acc": value for name, value in res.items()}
+    if "nat" in res:
+        for rob, key in (("pgd20", "nrr"), ("cw", "nrr_cw"), ("aa", "nrr_aa")):
+            if rob in res:
+                out[prefix + key] = nrr(res["nat"], res[rob])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+class _Trainer:
+    """Owns every piece of state of one run; :func:`train` drives it."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, *, resume_state: dict | None):
+        from cure.data import DATASETS, BatchLoader
+        from cure.models import build_model
+
+        self.cfg, self.out = cfg, out
+        self.device = select_device(cfg.device)
+        self.spec = DATASETS[cfg.dataset]
+        self.eps = float(cfg.eps if cfg.eps is not None else self.spec.eps)
+        self.step_size = float(cfg.step_size if cfg.step_size is not None else self.spec.step_size)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        torch.manual_seed(cfg.seed)
+
+        self.data = _load_data(cfg)
+        self.loader = BatchLoader(
+            self.data.train_x,
+            self.data.train_y,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            augment=self.spec.augment,
+            device=self.device,
+            drop_last=True,
+        )
+        self.steps_per_epoch = len(self.loader)
+
+        module = build_model(cfg.arch, self.spec)
+        if cfg.init is not None and resume_state is None:
+            self._load_init(module, cfg.init)
+        module.to(self.device)
+        self.channels_last = (
+            cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"
+        )
+        if self.channels_last:
+            module.to(memory_format=torch.channels_last)
+        self.module = module
+        self.model = torch.compile(module) if cfg.compile else module
+
+        self.optimizer = torch.optim.SGD(
+            module.parameters(),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=False,
+            weight_decay=cfg.weight_decay,
+            fused=True,
+        )
+        # Momentum buffers exist from the start, so that a skipped first step cannot leave them unset.
+        for q in module.parameters():
+            self.optimizer.state[q]["momentum_buffer"] = torch.zeros_like(
+                q, memory_format=torch.preserve_format
+            )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_factor(cfg, self.steps_per_epoch)
+        )
+
+        masker = None
+        if cfg.uses_mask:
+            from cure_kernels import ProminenceMasker
+
+            masker = ProminenceMasker(
+                module.parameters(), alpha=cfg.alpha, p=cfg.p, backend=cfg.kernel_backend
+            )
+        revision = None
+        revision_forward = None
+        if cfg.uses_revision:
+            revision = RevisionModel(
+                module, rate=cfg.revision_rate, decay=cfg.revision_decay, backend=cfg.kernel_backend
+            )
+            revision_forward = torch.compile(revision.module) if cfg.compile else revision.module
+        self.revision = revision
+
+        self.attack_generator = torch.Generator(device=self.device).manual_seed(
+            derived_seed(cfg.seed, "attack")
+        )
+        self.revision_generator = torch.Generator().manual_seed(derived_seed(cfg.seed, "revision"))
+        self.ctx = StepContext(
+            cfg=cfg,
+            model=self.model,
+            module=module,
+            optimizer=self.optimizer,
+            eps=self.eps,
+            step_size=self.step_size,
+            attack_generator=self.attack_generator,
+            revision_generator=self.revision_generator,
+            found_inf=torch.zeros((), device=self.device),
+            masker=masker,
+            revision=revision,
+            revision_forward=revision_forward,
+            amp=cfg.amp,
+            revision_rate=cfg.revision_rate,
+        )
+
+        # Loop state (all of it goes into checkpoints).
+        self.epoch = 0  # epoch being trained (0-based)
+        self.batch = 0  # next batch index within that epoch
+        self.step = 0  # optimizer steps taken (skipped ones included)
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None  # {"epoch": 1-based, "key": [...], "row": {...}}
+        self.total_skipped = 0
+        self.train_seconds = 0.0
+        self._reset_epoch_sums()
+        if resume_state is not None:
+            self._restore(resume_state)
+
+    # --- initial weights -------------------------------------------------------------------------
+    def _load_init(self, module: nn.Module, path: str) -> None:
+        state = load_checkpoint(path)
+        icfg = state["config"]
+        if (icfg["dataset"], icfg["arch"]) != (self.cfg.dataset, self.cfg.arch):
+            raise ConfigError(
+                f"--init {path} holds a {icfg['arch']} trained on {icfg['dataset']}, but this run "
+                f"trains a {self.cfg.arch} on {self.cfg.dataset}"
+            )
+        module.load_state_dict(state["model"])
+
+    # --- state -----------------------------------------------------------------------------------
+    def _reset_epoch_sums(self) -> None:
+        self.sums = torch.zeros(len(_SUM_FIELDS), dtype=torch.float64, device=self.device)
+        self.consecutive_skipped = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.max_consecutive_skipped = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.epoch_images = 0
+        self.epoch_steps = 0
+        self.epoch_revisions = 0
+        self.epoch_seconds = 0.0
+        self.reported_skipped = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        generators = {"attack": self.attack_generator, "revision": self.revision_generator}
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "config": self.cfg.to_dict(),
+            "model": self.module.state_dict(),
+            "revision": self.revision.state_dict() if self.revision is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "progress": {
+                "epoch": self.epoch,
+                "batch": self.batch,
+                "step": self.step,
+                "cure_step": self.ctx.cure_step,
+            },
+            "rng": capture_rng(generators),
+            "trainer": {
+                "sums": self.sums.cpu(),
+                "consecutive_skipped": int(self.consecutive_skipped),
+                "max_consecutive_skipped": int(self.max_consecutive_skipped),
+                "epoch_images": self.epoch_images,
+                "epoch_steps": self.epoch_steps,
+                "epoch_revisions": self.epoch_revisions,
+                "epoch_seconds": self.epoch_seconds,
+                "reported_skipped": self.reported_skipped,
+                "history": self.history,
+                "best": self.best,
+                "total_skipped": self.total_skipped,
+                "train_seconds": self.train_seconds,
+            },
+            "environment": {
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "device": str(self.device),
+            },
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        if self.revision is not None:
+            if state.get("revision") is None:
+                raise CheckpointError("the checkpoint has no revision model, but the configuration keeps one")
+            self.revision.load_state_dict(state["revision"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        prog = state["progress"]
+        self.epoch, self.batch, self.step = int(prog["epoch"]), int(prog["batch"]), int(prog["step"])
+        self.ctx.cure_step = int(prog["cure_step"])
+        restore_rng(state["rng"], {"attack": self.attack_generator, "revision": self.revision_generator})
+        tr = state["trainer"]
+        self.sums = tr["sums"].to(self.device)
+        self.consecutive_skipped.fill_(int(tr["consecutive_skipped"]))
+        self.max_consecutive_skipped.fill_(int(tr["max_consecutive_skipped"]))
+        self.epoch_images, self.epoch_steps = int(tr["epoch_images"]), int(tr["epoch_steps"])
+        self.epoch_revisions, self.epoch_seconds = int(tr["epoch_revisions"]), float(tr["epoch_seconds"])
+        self.reported_skipped = int(tr["reported_skipped"])
+        self.history, self.best = list(tr["history"]), tr["best"]
+        self.total_skipped, self.train_seconds = int(tr["total_skipped"]), float(tr["train_seconds"])
+
+    def save(self, name: str) -> None:
+        atomic_save(self.state_dict(), self.out / name)
+
+    # --- stages ----------------------------------------------------------------------------------
+    def stage(self, epoch: int) -> str:
+        """ "natural" during the CURE-Eff warm-up epochs, else the configured method."""
+        return "st" if epoch < self.cfg.warmup_epochs else self.cfg.method
+
+    def _revision_rate(self, epoch: int) -> float:
+        cfg = self.cfg
+        if cfg.revision_rate_decay_epoch is not None and epoch >= cfg.revision_rate_decay_epoch:
+            return cfg.revision_rate * cfg.revision_rate_decay_factor
+        return cfg.revision_rate
+
+    # --- one epoch -------------------------------------------------------------------------------
+    def _record(self, result: StepResult) -> None:
+        values = torch.stack(
+            [
+                result.loss.double(),
+                result.correct_nat.double(),
+                result.correct_adv.double(),
+                result.skipped.double(),
+                result.kept_fraction.double(),
+                result.nonfinite.double(),
+            ]
+        )
+        self.sums += values
+        self.consecutive_skipped = (self.consecutive_skipped + 1) * result.skipped.long()
+        self.max_consecutive_skipped = torch.maximum(self.max_consecutive_skipped, self.consecutive_skipped)
+
+    def _sync(self, bar, writer) -> dict[str, float]:
+        """Read the device counters (the only host synchronisation of the loop) and act on them."""
+        sums = dict(zip(_SUM_FIELDS, self.sums.tolist()))
+        worst = int(self.max_consecutive_skipped)
+        skipped = int(sums["skipped"])
+        if skipped > self.reported_skipped:
+            warnings.warn(
+                f"epoch {self.epoch + 1}: skipped {skipped - self.reported_skipped} step(s) whose loss or "
+                f"prominence scores were not finite (NaN/inf); the weights were left unchanged",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.reported_skipped = skipped
+        if worst > self.cfg.max_skipped_steps:
+            raise TrainingError(
+                f"training diverged: {worst} consecutive steps had a non-finite loss or non-finite "
+                f"prominence scores (limit --max-skipped-steps {self.cfg.max_skipped_steps}). "
+                f"The last good checkpoint is "
+                f"{self.out / 'last.pt'}; lower --lr, turn off --amp, or check the data"
+            )
+        steps = max(self.epoch_steps, 1)
+        live = {
+            "loss": sums["loss"] / steps,
+            "nat": 100.0 * sums["correct_nat"] / max(self.epoch_images, 1),
+            "adv": 100.0 * sums["correct_adv"] / max(self.epoch_images, 1),
+        }
+        if bar is not None:
+            bar.set_postfix({k: f"{v:.3f}" if k == "loss" else f"{v:.1f}%" for k, v in live.items()})
+        if writer is not None:
+            writer.add_scalar("train_running/loss", live["loss"], self.step)
+            writer.add_scalar("train_running/lr", self.optimizer.param_groups[0]["lr"], self.step)
+        return sums
+
+    def train_epoch(self, writer, stop_after_step: int | None) -> bool:
+        """Train the rest of the current epoch. Returns False when stopped early by ``stop_after_step``."""
+        cfg = self.cfg
+        stage = self.stage(self.epoch)
+        step_fn = STEP_FUNCTIONS[stage]
+        self.ctx.revision_rate = self._revision_rate(self.epoch)
+        if stage == "cure" and self.revision is not None and self.ctx.cure_step == 0 and self.batch == 0:
+            self.revision.copy_from_model()  # the CURE stage starts: theta_rev = theta (after a warm-up)
+        generator = torch.Generator().manual_seed(derived_seed(cfg.seed, "data", self.epoch))
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=self.batch,
+            desc=f"epoch {self.epoch + 1}/{cfg.epochs} [{stage}]",
+            disable=not cfg.progress,
+            leave=False,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+        start = time.perf_counter()
+        try:
+            for x, y in self.loader.epoch(generator, start_batch=self.batch):
+                if self.channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                result = step_fn(self.ctx, x, y)
+                self.scheduler.step()
+                self._record(result)
+                self.batch += 1
+                self.step += 1
+                self.epoch_steps += 1
+                self.epoch_images += len(y)
+                self.epoch_revisions += int(result.revised)
+                bar.update(1)
+                if self.step % cfg.log_every == 0:
+                    self._sync(bar, writer)
+                end_of_epoch = self.batch == self.steps_per_epoch
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not end_of_epoch:
+                    self.epoch_seconds += time.perf_counter() - start
+                    start = time.perf_counter()
+                    self.save("last.pt")
+                if stop_after_step is not None and self.step >= stop_after_step and not end_of_epoch:
+                    return False
+        finally:
+            self.epoch_seconds += time.perf_counter() - start
+            bar.close()
+        return True
+
+    def end_epoch(self, writer) -> dict[str, Any]:
+        """Validation, the metrics row, TensorBoard, checkpoints. Moves on to the next epoch."""
+        cfg = self.cfg
+        sums = self._sync(None, None)
+        stage = self.stage(self.epoch)
+        row: dict[str, Any] = {
+            "epoch": self.epoch + 1,
+            "stage": stage,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": sums["loss"] / max(self.epoch_steps, 1),
+            "train_nat_acc": 100.0 * sums["correct_nat"] / max(self.epoch_images, 1),
+            "train_adv_acc": 100.0 * sums["correct_adv"] / max(self.epoch_images, 1),
+            "kept_fraction": sums["kept_fraction"] / max(self.epoch_steps, 1),
+            "skipped_steps": int(sums["skipped"]),
+            "nonfinite_scores": int(sums["nonfinite"]),
+            "revision_updates": self.epoch_revisions,
+        }
+        val = _evaluate(
+            self.module,
+            self.data.val_x,
+            self.data.val_y,
+            cfg=cfg,
+            spec=self.spec,
+            eps=self.eps,
+            attacks=("nat", "pgd20"),
+            device=self.device,
+        )
+        row.update(
+            {
+                "val_nat_acc": val["nat"],
+                "val_pgd20_acc": val["pgd20"],
+                "val_nrr": nrr(val["nat"], val["pgd20"]),
+            }
+        )
+        if self.revision is not None and stage == "cure":
+            rval = _evaluate(
+                self.revision.module,
+                self.data.val_x,
+                self.data.val_y,
+                cfg=cfg,
+                spec=self.spec,
+                eps=self.eps,
+                attacks=("nat", "pgd20"),
+                device=self.device,
+            )
+            row.update(
+                {
+                    "rev_val_nat_acc": rval["nat"],
+                    "rev_val_pgd20_acc": rval["pgd20"],
+                    "rev_val_nrr": nrr(rval["nat"], rval["pgd20"]),
+                }
+            )
+        row["epoch_seconds"] = self.epoch_seconds
+        self.total_skipped += int(sums["skipped"])
+        self.train_seconds += self.epoch_seconds
+        self.history.append(row)
+        if writer is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    writer.add_scalar(f"epoch/{key}", value, row["epoch"])
+            writer.flush()
+        # Model selection on the validation split: PGD-20 (natural accuracy breaks ties);
+        # for ST natural accuracy.
+        key = [row["val_nat_acc"]] if cfg.method == "st" else [row["val_pgd20_acc"], row["val_nat_acc"]]
+        improved = self.best is None or key > self.best["key"]
+        if improved:
+            self.best = {"epoch": row["epoch"], "key": key, "row": row}
+        self.epoch += 1
+        self.batch = 0
+        self._reset_epoch_sums()
+        _write_metrics(self.out / "metrics.csv", self.history)
+        self.save("last.pt")
+        if improved:
+            self.save("best.pt")
+        return row
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write_text(buf.getvalue(), path)
+
+
+def _epoch_line(row: dict[str, Any], epochs: int) -> str:
+    line = (
+        f"epoch {row['epoch']}/{epochs} [{row['stage']}] loss {row['train_loss']:.4f} "
+        f"train nat {row['train_nat_acc']:.1f}% adv {row['train_adv_acc']:.1f}% "
+        f"| val nat {row['val_nat_acc']:.2f} "
+        f"pgd20 {row['val_pgd20_acc']:.2f} nrr {row['val_nrr']:.2f}"
+    )
+    if "rev_val_nat_acc" in row:
+        line += (
+            f" | revision val nat {row['rev_val_nat_acc']:.2f} pgd20 {row['rev_val_pgd20_acc']:.2f} "
+            f"nrr {row['rev_val_nrr']:.2f}"
+        )
+    line += f" | kept {100 * row['kept_fraction']:.1f}% skipped {row['skipped_steps']}"
+    line += f" | {row['epoch_seconds']:.1f} s"
+    return line
+
+
+# ------------------------------------------------------------------------------------------------
+def _final_evaluation(trainer: _Trainer) -> dict[str, Any]:
+    """Test-split evaluation of the last and the best checkpoint, trained model and revision model."""
+    from cure.data import DATASETS
+    from cure.models import build_model
+
+    cfg, data = trainer.cfg, trainer.data
+    attacks = tuple(dict.fromkeys(("nat", "pgd20") + tuple(cfg.eval_attacks)))
+    kw = dict(
+        cfg=cfg,
+        spec=trainer.spec,
+        eps=trainer.eps,
+        attacks=attacks,
+        device=trainer.device,
+        progress=cfg.progress,
+    )
+    results: dict[str, Any] = {}
+    results["last"] = _evaluate(trainer.module, data.test_x, data.test_y, **kw)
+    if trainer.revision is not None:
+        results["rev_last"] = _evaluate(trainer.revision.module, data.test_x, data.test_y, **kw)
+    best_epoch = trainer.best["epoch"]
+    if best_epoch == len(trainer.history):  # the best epoch is the last one: same weights
+        results["best"] = results["last"]
+        if trainer.revision is not None:
+            results["rev_best"] = results["rev_last"]
+    else:
+        state = load_checkpoint(trainer.out / "best.pt", map_location=trainer.device)
+        model = build_model(cfg.arch, DATASETS[cfg.dataset]).to(trainer.device)
+        model.load_state_dict(state["model"])
+        results["best"] = _evaluate(model, data.test_x, data.test_y, **kw)
+        if trainer.revision is not None:
+            model.load_state_dict(state["revision"]["module"])
+            results["rev_best"] = _evaluate(model, data.test_x, data.test_y, **kw)
+    return results
+
+
+def _summary(trainer: _Trainer, results: dict[str, Any]) -> dict[str, Any]:
+    cfg = trainer.cfg
+    last_epoch, best_epoch = len(trainer.history), trainer.best["epoch"]
+    images = cfg.epochs * trainer.steps_per_epoch * cfg.batch_size
+    summary: dict[str, Any] = {
+        "method": cfg.method,
+        "dataset": cfg.dataset,
+        "arch": cfg.arch,
+        "epochs": cfg.epochs,
+        "no_mask": cfg.no_mask,
+        "no_revision": cfg.no_revision,
+        "mask_mode": cfg.mask_mode,
+        "warmup_epochs": cfg.warmup_epochs,
+        "init": cfg.init,
+        "preset": cfg.preset,
+        "seed": cfg.seed,
+        "eps": trainer.eps,
+        "step_size": trainer.step_size,
+        "attack_steps": cfg.attack_steps,
+        "train_images": int(len(trainer.data.train_y)),
+        "val_images": int(len(trainer.data.val_y)),
+        "test_images": int(len(trainer.data.test_y)),
+        "device": str(trainer.device),
+        "skipped_steps": trainer.total_skipped,
+        "train_seconds": trainer.train_seconds,
+        "train_images_per_second": images / trainer.train_seconds if trainer.train_seconds > 0 else None,
+        "selection": "validation nat acc" if cfg.method == "st" else "validation pgd20 acc",
+        "last_epoch": last_epoch,
+        "best_epoch": best_epoch,
+    }
+    summary.update(_accuracy_fields(results["last"]))
+    for which in ("best", "last"):
+        summary.update(_accuracy_fields(results[which], prefix=f"{which}_"))
+    for key in _accuracy_fields(results["last"]):
+        summary[f"delta_{key}"] = summary[f"best_{key}"] - summary[f"last_{key}"]
+    if "rev_last" in results:
+        summary.update(_accuracy_fields(results["rev_last"], prefix="rev_"))
+        for which in ("best", "last"):
+            summary.update(_accuracy_fields(results[f"rev_{which}"], prefix=f"rev_{which}_"))
+        for key in _accuracy_fields(results["rev_last"]):
+            summary[f"rev_delta_{key}"] = summary[f"rev_best_{key}"] - summary[f"rev_last_{key}"]
+    return summary
+
+
+_TABLE_COLUMNS = (
+    ("nat", "Nat"),
+    ("pgd20", "PGD-20"),
+    ("nrr", "NRR"),
+    ("pgd100", "PGD-100"),
+    ("cw", "C&W"),
+    ("aa", "AA"),
+)
+
+
+def results_table(summary: dict[str, Any]) -> str:
+    """The final table: Nat / PGD-20 / NRR [/ C&W / AA], trained and revision model, best and last epoch."""
+    cols = [
+        (key, title)
+        for key, title in _TABLE_COLUMNS
+        if f"last_{key}_acc" in summary or (key == "nrr" and "last_nrr" in summary)
+    ]
+    rows = [
+        ("trained", "last", summary["last_epoch"], "last_"),
+        ("trained", "best", summary["best_epoch"], "best_"),
+    ]
+    if "rev_last_nat_acc" in summary:
+        rows += [
+            ("revision", "last", summary["last_epoch"], "rev_last_"),
+            ("revision", "best", summary["best_epoch"], "rev_best_"),
+        ]
+    title = (
+        f"{summary['method'].upper()} on {summary['dataset']} ({summary['arch']}), "
+        f"{summary['test_images']} test images, L-inf eps {summary['eps']:.4g}; accuracies in %"
+    )
+    header = f"{'model':<9} {'epoch':<10}" + "".join(f"{t:>9}" for _, t in cols)
+    lines = [title, header, "-" * len(header)]
+    for model, which, epoch, prefix in rows:
+        cells = []
+        for key, _ in cols:
+            value = summary.get(f"{prefix}nrr" if key == "nrr" else f"{prefix}{key}_acc")
+            cells.append(f"{value:>9.2f}" if value is not None else f"{'-':>9}")
+        lines.append(f"{model:<9} {which + ' (' + str(epoch) + ')':<10}" + "".join(cells))
+    lines.append(
+        f"best = highest {summary['selection']} (epoch {summary['best_epoch']}); "
+        f"best - last PGD-20: {summary.get('delta_pgd20_acc', float('nan')):+.2f}"
+    )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+def resume_config(
+    out: str | Path, explicit: dict[str, Any] | None = None, *, state: dict[str, Any] | None = None
+) -> TrainConfig:
+    """The saved configuration of the run in ``out``, with ``explicit`` values applied.
+
+    Only the fields in :data:`cure.config.RESUMABLE_OVERRIDES` (device, data root, progress bars, checkpoint
+    and log intervals) may differ from the saved values; anything else would not be the same run.
+    """
+    out = Path(out)
+    if state is None:
+        state = load_checkpoint(out / "last.pt")
+    saved = TrainConfig.from_dict(state["config"])
+    explicit = {k: v for k, v in (explicit or {}).items() if v is not None and k != "preset"}
+    saved_values = saved.to_dict()
+    changed = {}
+    for key, value in explicit.items():
+        if key not in saved_values:
+            raise ConfigError(f"unknown configuration field {key!r}")
+        if key in RESUMABLE_OVERRIDES:
+            setattr(saved, key, value)
+        elif (list(value) if isinstance(value, tuple) else value) != saved_values[key]:
+            changed[key] = (saved_values[key], value)
+    if changed:
+        detail = ", ".join(f"{k}: saved {a!r}, given {b!r}" for k, (a, b) in sorted(changed.items()))
+        raise ConfigError(
+            f"--resume continues the run in {out} with its saved configuration; these values differ "
+            f"from it: {detail}. Drop them, or start a new run with --overwrite"
+        )
+    return saved.validate()
+
+
+def train(
+    cfg: TrainConfig | None,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_after_step: int | None = None,
+    echo: bool = True,
+) -> dict[str, Any] | None:
+    """Train (or resume) a run in ``out`` and return its summary.
+
+    Args:
+        cfg: the configuration (validated here). With ``resume`` it may be None (use the saved one); if
+            given, it must agree with the saved one except for :data:`cure.config.RESUMABLE_OVERRIDES`.
+        out: the run directory.
+        resume: continue from ``out/last.pt`` exactly (mid-epoch too).
+        overwrite: replace the outputs of an earlier run in ``out``.
+        stop_after_step: stop after this many optimizer steps, right after saving ``last.pt`` (as if the
+            process had been killed then); returns None. For tests of exact resume.
+        echo: print per-epoch lines and the final table to stdout.
+    """
+    out = Path(out)
+    prepare_output_dir(out, resume=resume, overwrite=overwrite)
+    state = None
+    if resume:
+        state = load_checkpoint(out / "last.pt")
+        cfg = resume_config(out, None if cfg is None else cfg.to_dict(), state=state)
+    elif cfg is None:
+        raise ConfigError("a configuration is needed for a new run")
+    else:
+        cfg.validate()
+    select_device(cfg.device)
+    if cfg.init is not None and state is None and not Path(cfg.init).is_file():
+        raise ConfigError(
+            f"--init {cfg.init} does not exist (expected a checkpoint such as DIR/last.pt of "
+            f"`cure train --method st`)"
+        )
+    atomic_write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", out / "config.json")
+
+    try:
+        trainer = _Trainer(cfg, out, resume_state=state)
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=trainer.step if resume else None)
+        try:
+            if echo:
+                print(
+                    f"[cure] {cfg.method} on {cfg.dataset} ({cfg.arch}), "
+                    f"{len(trainer.data.train_y)} training "
+                    f"images, {trainer.steps_per_epoch} steps/epoch, {cfg.epochs} epochs, device "
+                    f"{trainer.device}"
+                    + (f", resuming at epoch {trainer.epoch + 1} batch {trainer.batch}" if resume else ""),
+                    flush=True,
+                )
+            while trainer.epoch < cfg.epochs:
+                if trainer.batch < trainer.steps_per_epoch:
+                    if not trainer.train_epoch(writer, stop_after_step):
+                        trainer.save("last.pt")
+                        return None
+                row = trainer.end_epoch(writer)
+                if echo:
+                    print(_epoch_line(row, cfg.epochs), flush=True)
+                if stop_after_step is not None and trainer.step >= stop_after_step:
+                    return None
+            results = _final_evaluation(trainer)
+        finally:
+            writer.close()
+    except torch.cuda.OutOfMemoryError as exc:
+        raise TrainingError(
+            f"CUDA ran out of memory with --batch-size {cfg.batch_size} ({cfg.arch}, "
+            f"{'bf16 autocast' if cfg.amp else 'float32'}); try --batch-size "
+            f"{max(cfg.batch_size // 2, 1)}, or --amp"
+        ) from exc
+    summary = _summary(trainer, results)
+    atomic_write_text(json.dumps(summary, indent=2) + "\n", out / "summary.json")
+    if echo:
+        print(results_table(summary), flush=True)
+    return summary
