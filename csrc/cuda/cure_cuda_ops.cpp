@@ -1,0 +1,50 @@
+// CUDA implementations of cure::rgp_mask and cure::revise (schemas in csrc/cure_ops.cpp): ATen glue
+// around the kernels of rgp_mask_kernels.cu and revise_kernels.cu. Every launch goes to the current
+// stream of the tensors' device; nothing here waits for the GPU.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "launchers.h"
+#include "ops_host.h"
+
+namespace cure_cuda {
+namespace {
+
+struct CudaExec {
+  cudaStream_t stream;
+
+  void zero(void* ptr, size_t bytes) { C10_CUDA_CHECK(cudaMemsetAsync(ptr, 0, bytes, stream)); }
+  void mask_stage(int stage, const MaskLaunch& L) {
+    launch_rgp_mask_stage(stage, L, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  void revise(const ReviseLaunch& L) {
+    launch_revise(L, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_mask_cuda(at::TensorList updates, at::TensorList grads_nat,
+                                                             at::TensorList grads_adv, double alpha, double p) {
+  TORCH_CHECK(!updates.empty(), "rgp_mask: empty tensor lists carry no device; handle them before dispatch");
+  const c10::cuda::CUDAGuard guard(updates[0].device());
+  CudaExec exec{at::cuda::getCurrentCUDAStream().stream()};
+  return rgp_mask_run(updates, grads_nat, grads_adv, alpha, p, exec);
+}
+
+void revise_cuda(at::TensorList revision, at::TensorList params, double decay) {
+  if (revision.empty()) return;
+  const c10::cuda::CUDAGuard guard(revision[0].device());
+  CudaExec exec{at::cuda::getCurrentCUDAStream().stream()};
+  revise_run(revision, params, decay, exec);
+}
+
+}  // namespace
+}  // namespace cure_cuda
+
+TORCH_LIBRARY_IMPL(cure, CUDA, m) {
+  m.impl("rgp_mask", &cure_cuda::rgp_mask_cuda);
+  m.impl("revise", &cure_cuda::revise_cuda);
+}
