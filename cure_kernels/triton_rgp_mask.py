@@ -21,9 +21,11 @@ gradient buffers of :class:`cure_kernels.ProminenceMasker` are; packed with ``to
 and a chunk table maps program i to chunk i of tensor ``chunk_tensor[i]``. Launches per dtype group,
 with the bytes each pass moves per element of float32 gradients (half that for bf16/fp16 reads):
 
-1. ``_histogram_kernel`` (pass 1 over the data): computes s, histograms the top 11 key bits per
-   tensor, counts NaN and +inf. Reads g_nat, g_adv: 8 B/element.
-2. ``_select_kernel`` level 1 (one program per tensor): the level-1 bins holding ranks k and k+1.
+1. ``_histogram_kernel`` (pass 1 over the data): computes s and histograms the top 11 key bits per
+   tensor (+inf and NaN each have a level-1 bin of their own: the non-finite counts come free).
+   Reads g_nat, g_adv: 8 B/element.
+2. ``_select_kernel`` level 1 (SELECT_TILE tensors per program): the level-1 bins holding ranks k
+   and k+1, and the ranks inside them.
 3. ``_refine_kernel`` (pass 2 over the data): recomputes s; for elements in those bins, histograms
    the next 10 key bits and compacts their keys into a candidate buffer. Reads 8 B/element, writes
    4 B per candidate (typically a few percent of the elements: one bin spans 1/8 of a binade).
@@ -95,14 +97,14 @@ _T_G_BELOW_HALF = tl.constexpr(5)  # 1 when g < 0.5: interpolate from a, else fr
 _T_N = tl.constexpr(6)  # number of elements
 _T_COLS = tl.constexpr(8)
 # Per-tensor state (int32, zeroed each call), one row of _S_COLS per tensor of a group.
-_S_CAND = tl.constexpr(2)  # candidates compacted by the refine pass
-_S_PREFIX_A = tl.constexpr(3)  # key bits resolved so far of rank k (the full key after level 3)
-_S_PREFIX_B = tl.constexpr(4)  # same for rank k + 1
-_S_RANK_A = tl.constexpr(5)  # rank of rank-k's element among the elements sharing prefix A
-_S_RANK_B = tl.constexpr(6)  # same for rank k + 1
+_S_CAND = tl.constexpr(0)  # candidates compacted by the refine pass
+_S_PREFIX_A = tl.constexpr(1)  # key bits resolved so far of rank k (the full key after level 3)
+_S_PREFIX_B = tl.constexpr(2)  # same for rank k + 1
+_S_RANK_A = tl.constexpr(3)  # rank of rank-k's element among the elements sharing prefix A
+_S_RANK_B = tl.constexpr(4)  # same for rank k + 1
 _S_COLS = tl.constexpr(8)
 
-_SCORE_LEVELS = 3
+_DIGIT_LEVELS = 3
 _INT32_LIMIT = 2**31
 
 
@@ -126,8 +128,16 @@ def load_float32(ptr, offs, m):
 def _score_keys(nat_ptr, adv_ptr, offs, m, alpha, beta):
     """s = alpha*|g_nat| + beta*|g_adv| in float32 (each op rounded; launched without FMA contraction)
     and its radix key: the float bits as int32, NaN -> 0x7fffffff."""
-    x = load_float32(nat_ptr, offs, m)
-    y = load_float32(adv_ptr, offs, m)
+    # load_float32 written out: each nested jit call costs about a millisecond per program in the
+    # interpreter, and this runs in every program of three passes.
+    x = tl.load(nat_ptr + offs, mask=m, other=0.0)
+    y = tl.load(adv_ptr + offs, mask=m, other=0.0)
+    if x.dtype == tl.bfloat16:
+        x = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        y = (y.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = x.to(tl.float32)
+        y = y.to(tl.float32)
     px = alpha * tl.abs(x)
     py = beta * tl.abs(y)
     s = px + py
@@ -442,7 +452,7 @@ def _mask_group(group: _Group, updates: list[Tensor], grads_nat: list[Tensor], g
                 alpha: float, beta: float, thresholds: Tensor, kept: Tensor, nonfinite: Tensor) -> None:
     device = updates[0].device
     num_tensors = len(group.members)
-    state_base = _SCORE_LEVELS * num_tensors * BINS
+    state_base = _DIGIT_LEVELS * num_tensors * BINS
     # Three histogram levels [3, T, BINS] then the per-tensor state [T, 8]; zeroed by the allocation.
     ws = torch.zeros(state_base + num_tensors * 8, dtype=torch.int32, device=device)
     nc = group.num_chunks
@@ -496,6 +506,6 @@ def rgp_mask_triton(updates: list[Tensor], grads_nat: list[Tensor], grads_adv: l
     beta32 = float(np.float32(1.0 - alpha))
     for group in _plan(updates, float(p)):
         idx = group.members
-        _mask_group(group, [updates[i] for i in idx], [grads_nat[i] for i in idx], [grads_adv[i] for i in idx],
-                    alpha32, beta32, thresholds, kept, nonfinite)
+        _mask_group(group, [updates[i] for i in idx], [grads_nat[i] for i in idx],
+                    [grads_adv[i] for i in idx], alpha32, beta32, thresholds, kept, nonfinite)
     return thresholds, kept, nonfinite

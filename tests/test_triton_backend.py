@@ -187,8 +187,8 @@ def test_mixed_dtypes_are_grouped_and_reported_in_order(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_group_of_only_empty_tensors(device):
     updates = [torch.empty(0, device=device), torch.empty(0, 3, device=device, dtype=torch.float16)]
-    stats = ck.rgp_mask_(updates, [u.clone() for u in updates], [u.clone() for u in updates], alpha=0.1, p=0.3,
-                         backend="triton")
+    grads = [u.clone() for u in updates]
+    stats = ck.rgp_mask_(updates, grads, grads, alpha=0.1, p=0.3, backend="triton")
     assert torch.isnan(stats.thresholds).all() and stats.kept.tolist() == [0, 0]
     assert stats.nonfinite.tolist() == [0, 0]
 
@@ -243,9 +243,12 @@ def test_packed_and_zero_copy_layouts_agree(device, monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_updates_are_modified_in_place(device):
     gen = torch.Generator().manual_seed(7)
-    updates = [torch.randn(37, 29, generator=gen).to(device).t(), torch.randn(64, 33, generator=gen).to(device)[:, ::3]]
-    nat = [torch.randn(37, 29, generator=gen).to(device).t(), torch.randn(11, 64, generator=gen).to(device).t()]
-    adv = [torch.randn(29, 74, generator=gen).to(device)[:, ::2], torch.randn(64, 11, generator=gen).to(device)]
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
+
+    updates = [randn(37, 29).t(), randn(64, 33)[:, ::3]]
+    nat = [randn(37, 29).t(), randn(11, 64).t()]
+    adv = [randn(29, 74)[:, ::2], randn(64, 11)]
     assert not (updates[0].is_contiguous() or updates[1].is_contiguous() or nat[0].is_contiguous())
     ptrs = [u.data_ptr() for u in updates]
     assert_matches_reference("triton", updates, nat, adv, alpha=0.1, p=0.3)
@@ -300,7 +303,8 @@ def test_revise_rounds_bfloat16_to_nearest_even(device):
     one_up = 1.0 + 2.0**-7  # the next bfloat16 after 1
     # decay 0.5: the float32 result is the exact mean, halfway between two bfloat16 values.
     rev = [torch.tensor([1.0, one_up, -one_up, 3.0e38, 1e-40], dtype=torch.bfloat16, device=device)]
-    par = [torch.tensor([one_up, 1.0 + 2 * 2.0**-7, -1.0, 3.0e38, 3e-40], dtype=torch.bfloat16, device=device)]
+    two_up = 1.0 + 2 * 2.0**-7
+    par = [torch.tensor([one_up, two_up, -1.0, 3.0e38, 3e-40], dtype=torch.bfloat16, device=device)]
     expected = [rev[0].clone()]
     reference.revise_reference(expected, par, 0.5)
     ck.revise_(rev, par, decay=0.5, backend="triton")
@@ -332,6 +336,66 @@ def test_revise_layouts(device, monkeypatch):
     assert spy.packed == [True, True, False, False]  # the float32 group is packed; one fp16 tensor is flat
     assert [r.data_ptr() for r in rev2] == ptrs
     assert all(bitwise_equal_f32(r, e) for r, e in zip(rev2, expected))
+
+
+# --- the compiled (non-interpreted) kernels ---------------------------------------------------------
+_COMPILE_SCRIPT = r"""
+import json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from cure_kernels import triton_rgp_mask as m, triton_revise as r
+
+def sig(names, types):
+    return dict(zip(names, types))
+
+STREAM = ("nat_ptr", "adv_ptr", "upd_ptr", "chunk_ptr", "tensor_ptr", "thr_ptr", "kept_ptr", "alpha", "beta",
+          "num_chunks", "BLOCK", "ALIGNED")
+SELECT = ("tensor_ptr", "frac_ptr", "ws_ptr", "thr_ptr", "nonfinite_ptr", "num_tensors", "state_base",
+          "LEVEL", "TILE", "NUM_BINS", "ROW_BINS")
+REVISE = ("rev_ptr", "par_ptr", "numel", "decay", "keep", "BLOCK")
+jobs = []
+for dt in ("fp32", "bf16", "fp16"):
+    P = "*" + dt
+    stream_types = (P, P, P, "*i64", "*i64", "*fp32", "*i64", "fp32", "fp32", "i32", "constexpr", "constexpr")
+    jobs.append((m._mask_kernel, sig(STREAM, stream_types), {"BLOCK": m.BLOCK, "ALIGNED": True}))
+    revise_types = (P, P, "i64", "fp32", "fp32", "constexpr")
+    jobs.append((r._revise_kernel, sig(REVISE, revise_types), {"BLOCK": r.BLOCK}))
+SELECT_TYPES = ("*i64", "*fp32", "*i32", "*fp32", "*i64", "i32", "i32") + ("constexpr",) * 4
+jobs.append((m._select_kernel, sig(SELECT, SELECT_TYPES),
+             {"LEVEL": 3, "TILE": m.SELECT_TILE, "NUM_BINS": m.BINS, "ROW_BINS": m.SUB_BINS}))
+target = GPUTarget("cuda", 90, 32)
+fmas = {}
+for fusion in (False, True):
+    for fn, signature, constexprs in jobs:
+        kernel = triton.compile(ASTSource(fn, signature, constexprs), target=target,
+                                options={"num_warps": 8, "enable_fp_fusion": fusion})
+        key = f"{fn.__name__}:{signature[next(iter(signature))]}:{fusion}"
+        fmas[key] = len(re.findall(r"\bfma\.", kernel.asm["ptx"]))
+print(json.dumps(fmas))
+"""
+
+
+def test_kernels_compile_for_cuda_without_fused_multiply_add(tmp_path):
+    """Compile the kernels that do float arithmetic for sm_90 (no GPU needed) outside the interpreter,
+    and check the PTX: no fma with enable_fp_fusion=False (as launched), some with fusion enabled."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode != 0 and ("ptxas" in proc.stderr or "GPUTarget" in proc.stderr):
+        pytest.skip(f"Triton cannot compile for CUDA here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr
+    fmas = json.loads(proc.stdout.strip().splitlines()[-1])
+    launched = {k: v for k, v in fmas.items() if k.endswith(":False")}
+    assert launched and all(v == 0 for v in launched.values()), launched
+    assert fmas["_mask_kernel:*fp32:True"] > 0  # the check would see contraction if it happened
 
 
 # --- CUDA only -----------------------------------------------------------------------------------
