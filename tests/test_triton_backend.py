@@ -338,6 +338,34 @@ def test_revise_layouts(device, monkeypatch):
     assert all(bitwise_equal_f32(r, e) for r, e in zip(rev2, expected))
 
 
+# --- torch.library contract ------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_revise_triton(device):
+    rev = [torch.randn(5, device=device), torch.randn(3, 4, device=device)]
+    par = [torch.randn(5, device=device), torch.randn(3, 4, device=device)]
+    torch.library.opcheck(torch.ops.cure.revise_triton, (rev, par, 0.9))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_matches_eager(device):
+    torch._dynamo.reset()
+
+    def step(updates, nat, adv, rev, par):
+        stats = ck.rgp_mask_(updates, nat, adv, alpha=0.1, p=0.3, backend="triton")
+        ck.revise_(rev, par, decay=0.99, backend="triton")
+        return stats.thresholds * 2, stats.kept + stats.nonfinite
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    updates, nat, adv = _inputs("random", [40, 3, 17], torch.float32, 1, device)
+    rev = [torch.randn(6, device=device)]
+    expected = [u.clone() for u in updates], [r.clone() for r in rev]
+    exp_thr, exp_counts = step(expected[0], nat, adv, expected[1], [torch.ones(6, device=device)])
+    got_thr, got_counts = compiled(updates, nat, adv, rev, [torch.ones(6, device=device)])
+    assert bitwise_equal_f32(got_thr, exp_thr) and torch.equal(got_counts, exp_counts)
+    assert all(torch.equal(u, e) for u, e in zip(updates, expected[0]))
+    assert bitwise_equal_f32(rev[0], expected[1][0])
+
+
 # --- the compiled (non-interpreted) kernels ---------------------------------------------------------
 _COMPILE_SCRIPT = r"""
 import json, re, sys
