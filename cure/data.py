@@ -192,7 +192,9 @@ def _fashion_mnist_dirs(root: str | None) -> list[Path]:
 def _load_fashion_mnist(root: str | None, train: bool, download: bool) -> tuple[Tensor, Tensor]:
     if download:
         if root is None:
-            raise ValueError("download=True needs a data root to download Fashion-MNIST into (--data-root DIR)")
+            raise ValueError(
+                "download=True needs a data root to download Fashion-MNIST into (--data-root DIR)"
+            )
         torchvision = _import_torchvision("fashion-mnist")
         torchvision.datasets.FashionMNIST(str(root), train=train, download=True)
     image_stem, label_stem = _FMNIST_FILES[train]
@@ -266,7 +268,8 @@ def _load_torchvision(name: str, root: str | None, train: bool, download: bool) 
         missing = [str(p) for p, _ in _expected_files(name, cls, root_path, train) if not p.is_file()]
         if missing:
             raise DatasetNotFoundError(
-                f"{name} {split} split not found under {root_path}: missing " + ", ".join(missing)
+                f"{name} {split} split not found under {root_path}: missing "
+                + ", ".join(missing)
                 + f". Download it with {get}"
             )
     try:
@@ -277,7 +280,9 @@ def _load_torchvision(name: str, root: str | None, train: bool, download: bool) 
     except RuntimeError as exc:
         from torchvision.datasets.utils import check_integrity
 
-        bad = [str(p) for p, md5 in _expected_files(name, cls, root_path, train) if not check_integrity(p, md5)]
+        bad = [
+            str(p) for p, md5 in _expected_files(name, cls, root_path, train) if not check_integrity(p, md5)
+        ]
         raise DatasetCorruptError(
             f"{name}: torchvision refused the files under {root_path} ({exc}); files whose MD5 checksum "
             f"does not match the published archive: {', '.join(bad) or 'none found'}. Delete them and "
@@ -318,7 +323,8 @@ def load_split(name: str, root: str | None, train: bool, download: bool = False)
         raise DatasetCorruptError(f"{name}: images of shape {tuple(images.shape[1:])}, expected {spec.shape}")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= spec.num_classes):
         raise DatasetCorruptError(
-            f"{name}: labels span {int(labels.min())}..{int(labels.max())}, expected 0..{spec.num_classes - 1}"
+            f"{name}: labels span {int(labels.min())}..{int(labels.max())}, "
+            f"expected 0..{spec.num_classes - 1}"
         )
     return images, labels
 
@@ -395,7 +401,8 @@ class BatchLoader:
         total = _check_pair(images, labels)
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(
-                f"images must be uint8 of shape (N, C, H, W), got {images.dtype} of shape {tuple(images.shape)}"
+                f"images must be uint8 of shape (N, C, H, W), got {images.dtype} "
+                f"of shape {tuple(images.shape)}"
             )
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -448,7 +455,9 @@ class BatchLoader:
     def epoch(self, generator: torch.Generator, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield (x float32 in [0, 1], y int64) on the device for batches ``start_batch`` .. len - 1."""
         if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch must lie in [0, {len(self)}] (batches per epoch), got {start_batch}")
+            raise ValueError(
+                f"start_batch must lie in [0, {len(self)}] (batches per epoch), got {start_batch}"
+            )
         perm, offsets, flips = self._draws(generator)
         for k in range(start_batch, len(self)):
             lo, hi = k * self.batch_size, min((k + 1) * self.batch_size, self.num_samples)

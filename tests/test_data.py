@@ -133,10 +133,28 @@ def _write_cifar10(root: Path, rng: np.random.Generator) -> dict[str, tuple[np.n
     for name, count in [(f"data_batch_{i}", 3 + i) for i in range(1, 6)] + [("test_batch", 5)]:
         imgs = rng.integers(0, 256, size=(count, 32, 32, 3), dtype=np.uint8)
         labels = rng.integers(0, 10, size=count).tolist()
-        entry = {"batch_label": name, "labels": labels, "data": _cifar_rows(imgs), "filenames": ["x.png"] * count}
+        entry = {
+            "batch_label": name,
+            "labels": labels,
+            "data": _cifar_rows(imgs),
+            "filenames": ["x.png"] * count,
+        }
         (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
         written[name] = (imgs, labels)
-    meta = {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]}
+    meta = {
+        "label_names": [
+            "airplane",
+            "automobile",
+            "bird",
+            "cat",
+            "deer",
+            "dog",
+            "frog",
+            "horse",
+            "ship",
+            "truck",
+        ]
+    }
     (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
     return written
 
@@ -192,7 +210,10 @@ def test_cifar100_real_format(tmp_path, monkeypatch):
         }
         (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
         written[name] = (imgs, fine)
-    meta = {"fine_label_names": [f"c{i}" for i in range(100)], "coarse_label_names": [f"s{i}" for i in range(20)]}
+    meta = {
+        "fine_label_names": [f"c{i}" for i in range(100)],
+        "coarse_label_names": [f"s{i}" for i in range(20)],
+    }
     (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
     _trust_written_cifar(monkeypatch, torchvision.datasets.CIFAR100, folder)
     for train, name in ((True, "train"), (False, "test")):
@@ -212,7 +233,10 @@ def test_svhn_real_format(tmp_path, monkeypatch):
         digits = rng.integers(0, 10, size=count)
         digits[0] = 0
         # SVHN's .mat files: X is (H, W, C, N) uint8, y is (N, 1) with digit 0 stored as 10.
-        mat = {"X": imgs.transpose(1, 2, 3, 0), "y": np.where(digits == 0, 10, digits).astype(np.uint8)[:, None]}
+        mat = {
+            "X": imgs.transpose(1, 2, 3, 0),
+            "y": np.where(digits == 0, 10, digits).astype(np.uint8)[:, None],
+        }
         sio.savemat(str(tmp_path / f"{split}_32x32.mat"), mat)
         written[split] = (imgs, digits)
     cls = torchvision.datasets.SVHN
@@ -296,7 +320,9 @@ def _images(n: int, c: int = 3, h: int = 6, w: int = 5, seed: int = 0) -> tuple[
 def test_loader_length_and_plain_order():
     images, labels = _images(10)
     assert len(BatchLoader(images, labels, batch_size=4, shuffle=False, augment="none", device="cpu")) == 3
-    loader = BatchLoader(images, labels, batch_size=4, shuffle=False, augment="none", device="cpu", drop_last=True)
+    loader = BatchLoader(
+        images, labels, batch_size=4, shuffle=False, augment="none", device="cpu", drop_last=True
+    )
     assert len(loader) == 2
     batches = list(loader.epoch(torch.Generator().manual_seed(0)))
     assert [b[1].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7]]
@@ -385,5 +411,7 @@ def test_loader_keeps_data_on_gpu_and_matches_cpu():
     cpu = BatchLoader(images, labels, batch_size=8, shuffle=True, augment="crop_flip", device="cpu")
     gpu = BatchLoader(images, labels, batch_size=8, shuffle=True, augment="crop_flip", device="cuda")
     assert gpu.images.is_cuda and gpu.images.dtype == torch.uint8
-    for (xa, ya), (xb, yb) in zip(cpu.epoch(torch.Generator().manual_seed(0)), gpu.epoch(torch.Generator().manual_seed(0))):
+    for (xa, ya), (xb, yb) in zip(
+        cpu.epoch(torch.Generator().manual_seed(0)), gpu.epoch(torch.Generator().manual_seed(0))
+    ):
         assert xb.is_cuda and torch.equal(xa, xb.cpu()) and torch.equal(ya, yb.cpu())
