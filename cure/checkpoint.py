@@ -18,9 +18,7 @@ half-written file under the real name and never destroys the previous good check
 from __future__ import annotations
 
 import os
-import pickle
 import random
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +87,15 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     _atomic_write(Path(path), lambda fh: fh.write(text.encode("utf-8")))
 
 
+def _reason(exc: BaseException) -> str:
+    """The informative line of a loading error (torch's weights-only errors put it last)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("WeightsUnpickler error"):
+            return ln
+    return lines[0] if lines else "no message"
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a trainer checkpoint; raise :class:`CheckpointError` naming the file on any problem."""
     path = Path(path)
@@ -96,23 +103,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (
-        RuntimeError,
-        EOFError,
-        OSError,
-        pickle.UnpicklingError,
-        zipfile.BadZipFile,
-        ValueError,
-        KeyError,
-        AttributeError,
-        ImportError,
-        IndexError,
-        TypeError,
-    ) as exc:
+    except Exception as exc:  # any failure to unpickle means the file is unusable; report which one
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt and cannot be read "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            f"use another checkpoint or train again"
+            f"checkpoint {path} cannot be read: the file is truncated, corrupt or not a trainer checkpoint "
+            f"({type(exc).__name__}: {_reason(exc)}); use another checkpoint or train again"
         ) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a CURE training checkpoint (no '{FORMAT}' marker)")

@@ -27,7 +27,8 @@ extra passes.
 Faults without host synchronisation: every step computes a device flag ``bad`` (the loss is not finite,
 or the mask saw NaN/inf scores). The optimizer is ``torch.optim.SGD(fused=True)``, whose kernel reads the
 ``found_inf`` tensor on the device and leaves parameters and momentum untouched when it is set, so a bad
-step is skipped without the host ever looking at the flag. The trainer reads the counts every
+step is skipped without the host ever looking at the flag; the model's buffers (BatchNorm statistics)
+are restored with ``where(bad, old, new)`` for the same reason. The trainer reads the counts every
 ``log_every`` steps.
 """
 
@@ -47,6 +48,7 @@ from cure.revision import RevisionModel
 from cure_kernels import MaskStats, ProminenceMasker
 
 __all__ = [
+    "build_step_context",
     "StepContext",
     "StepResult",
     "STEP_FUNCTIONS",
@@ -126,10 +128,24 @@ def _correct(logits: Tensor, y: Tensor) -> Tensor:
     return (logits.detach().argmax(dim=1) == y).sum()
 
 
-def _apply_update(ctx: StepContext, bad: Tensor) -> None:
-    """SGD step unless ``bad`` (device bool); the decision is taken on the device by the fused kernel."""
+def _train_mode(ctx: StepContext) -> list[Tensor]:
+    """Put the model in train mode; return a copy of its buffers (BatchNorm statistics, a few KB) so that a
+    skipped step can also undo what its forward passes did to them."""
+    ctx.module.train()
+    return [b.clone() for b in ctx.module.buffers()]
+
+
+def _apply_update(ctx: StepContext, bad: Tensor, buffers_before: list[Tensor]) -> None:
+    """SGD step unless ``bad`` (device bool); the decision is taken on the device by the fused kernel.
+
+    On a bad step the buffers are restored too (``where(bad, old, new)``, no host synchronisation), so a
+    NaN batch cannot poison the BatchNorm running statistics.
+    """
     ctx.found_inf.copy_(bad)
     ctx.optimizer.step()
+    with torch.no_grad():
+        for buf, old in zip(ctx.module.buffers(), buffers_before):
+            buf.copy_(torch.where(bad, old, buf))
 
 
 def _zero(ctx: StepContext) -> Tensor:
@@ -138,14 +154,14 @@ def _zero(ctx: StepContext) -> Tensor:
 
 def natural_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
     """ST: one SGD step on CE(f(x), y)."""
-    ctx.module.train()
+    buffers = _train_mode(ctx)
     ctx.zero_grad()
     with ctx.autocast():
         logits = ctx.model(x)
     loss = F.cross_entropy(logits.float(), y)
     loss.backward()
     bad = ~torch.isfinite(loss)
-    _apply_update(ctx, bad)
+    _apply_update(ctx, bad, buffers)
     zero = _zero(ctx)
     return StepResult(loss.detach(), _correct(logits, y), zero, bad, zero + 1, zero)
 
@@ -165,14 +181,14 @@ def madry_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
             random_start=True,
             generator=ctx.attack_generator,
         )
-    ctx.module.train()
+    buffers = _train_mode(ctx)
     ctx.zero_grad()
     with ctx.autocast():
         logits_adv = ctx.model(x_adv)
     loss = F.cross_entropy(logits_adv.float(), y)
     loss.backward()
     bad = ~torch.isfinite(loss)
-    _apply_update(ctx, bad)
+    _apply_update(ctx, bad, buffers)
     zero = _zero(ctx)
     # Natural accuracy is not computed during AT steps (it would cost a forward pass); 0 is reported.
     return StepResult(loss.detach(), zero, _correct(logits_adv, y), bad, zero + 1, zero)
@@ -190,7 +206,7 @@ def trades_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
             steps=cfg.attack_steps,
             generator=ctx.attack_generator,
         )
-    ctx.module.train()
+    buffers = _train_mode(ctx)
     ctx.zero_grad()
     with ctx.autocast():
         logits_nat = ctx.model(x)
@@ -198,7 +214,7 @@ def trades_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
     loss = F.cross_entropy(logits_nat.float(), y) + cfg.beta * kl_divergence(logits_nat, logits_adv)
     loss.backward()
     bad = ~torch.isfinite(loss)
-    _apply_update(ctx, bad)
+    _apply_update(ctx, bad, buffers)
     zero = _zero(ctx)
     return StepResult(loss.detach(), _correct(logits_nat, y), _correct(logits_adv, y), bad, zero + 1, zero)
 
@@ -241,7 +257,7 @@ def cure_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
             generator=ctx.attack_generator,
         )
     # 2. Losses, model in train mode.
-    ctx.module.train()
+    buffers = _train_mode(ctx)
     ctx.zero_grad()
     with ctx.autocast():
         logits_nat = ctx.model(x)
@@ -276,7 +292,7 @@ def cure_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
         bad = bad | (stats.nonfinite.sum() > 0)
     # 5. Update (skipped on the device when bad).
     with _freeze_conserved(ctx, keeps) if keeps is not None else contextlib.nullcontext():
-        _apply_update(ctx, bad)
+        _apply_update(ctx, bad, buffers)
     # 6. Revise (Eq. 7): with probability r, theta_rev <- d_t theta_rev + (1 - d_t) theta.
     ctx.cure_step += 1
     revised = False
@@ -297,6 +313,60 @@ def cure_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
         kept_fraction,
         nonfinite,
         revised,
+    )
+
+
+def build_step_context(
+    cfg: TrainConfig,
+    module: nn.Module,
+    *,
+    model: Callable[[Tensor], Tensor] | None = None,
+    eps: float,
+    step_size: float,
+    attack_seed: int,
+    revision_seed: int,
+) -> StepContext:
+    """The optimizer, masker, revision model and generators of a run around ``module`` (on its device).
+
+    The optimizer is ``SGD(lr, momentum, weight_decay, nesterov=False, fused=True)`` with its momentum
+    buffers created up front (zeros), so that a skipped first step cannot leave them uninitialised; the
+    first real step then gives buf = 0.9 * 0 + g = g, as PyTorch's first step does.
+    """
+    device = next(module.parameters()).device
+    optimizer = torch.optim.SGD(
+        module.parameters(),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=False,
+        weight_decay=cfg.weight_decay,
+        fused=True,
+    )
+    for q in module.parameters():
+        optimizer.state[q]["momentum_buffer"] = torch.zeros_like(q, memory_format=torch.preserve_format)
+    masker = None
+    if cfg.uses_mask:
+        masker = ProminenceMasker(module.parameters(), alpha=cfg.alpha, p=cfg.p, backend=cfg.kernel_backend)
+    revision = revision_forward = None
+    if cfg.uses_revision:
+        revision = RevisionModel(
+            module, rate=cfg.revision_rate, decay=cfg.revision_decay, backend=cfg.kernel_backend
+        )
+        revision_forward = torch.compile(revision.module) if cfg.compile else revision.module
+    return StepContext(
+        cfg=cfg,
+        model=module if model is None else model,
+        module=module,
+        optimizer=optimizer,
+        eps=eps,
+        step_size=step_size,
+        attack_generator=torch.Generator(device=device).manual_seed(attack_seed),
+        revision_generator=torch.Generator().manual_seed(revision_seed),
+        found_inf=torch.zeros((), device=device),
+        masker=masker,
+        revision=revision,
+        revision_forward=revision_forward,
+        amp=cfg.amp,
+        revision_rate=cfg.revision_rate,
     )
 
 

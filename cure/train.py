@@ -51,8 +51,8 @@ from cure.checkpoint import (
     restore_rng,
 )
 from cure.config import RESUMABLE_OVERRIDES, ConfigError, TrainConfig
-from cure.methods import STEP_FUNCTIONS, StepContext, StepResult
-from cure.revision import RevisionModel
+from cure.evaluation import nrr
+from cure.methods import STEP_FUNCTIONS, StepResult, build_step_context
 
 __all__ = [
     "TrainingError",
@@ -119,11 +119,6 @@ def derived_seed(seed: int, *tags: Any) -> int:
     """A 63-bit seed derived from ``seed`` and tags, identical in every process (unlike ``hash``)."""
     digest = hashlib.sha256(repr((seed,) + tags).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def nrr(nat: float, rob: float) -> float:
-    """Natural-robustness ratio, the harmonic mean 2 Nat Rob / (Nat + Rob) (percent in, percent out)."""
-    return 0.0 if nat + rob <= 0 else 2.0 * nat * rob / (nat + rob)
 
 
 def prepare_output_dir(out: str | Path, *, resume: bool, overwrite: bool) -> Path:
@@ -288,58 +283,22 @@ class _Trainer:
         self.module = module
         self.model = torch.compile(module) if cfg.compile else module
 
-        self.optimizer = torch.optim.SGD(
-            module.parameters(),
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            nesterov=False,
-            weight_decay=cfg.weight_decay,
-            fused=True,
-        )
-        # Momentum buffers exist from the start, so that a skipped first step cannot leave them unset.
-        for q in module.parameters():
-            self.optimizer.state[q]["momentum_buffer"] = torch.zeros_like(
-                q, memory_format=torch.preserve_format
-            )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_factor(cfg, self.steps_per_epoch)
-        )
-
-        masker = None
-        if cfg.uses_mask:
-            from cure_kernels import ProminenceMasker
-
-            masker = ProminenceMasker(
-                module.parameters(), alpha=cfg.alpha, p=cfg.p, backend=cfg.kernel_backend
-            )
-        revision = None
-        revision_forward = None
-        if cfg.uses_revision:
-            revision = RevisionModel(
-                module, rate=cfg.revision_rate, decay=cfg.revision_decay, backend=cfg.kernel_backend
-            )
-            revision_forward = torch.compile(revision.module) if cfg.compile else revision.module
-        self.revision = revision
-
-        self.attack_generator = torch.Generator(device=self.device).manual_seed(
-            derived_seed(cfg.seed, "attack")
-        )
-        self.revision_generator = torch.Generator().manual_seed(derived_seed(cfg.seed, "revision"))
-        self.ctx = StepContext(
-            cfg=cfg,
+        self.ctx = build_step_context(
+            cfg,
+            module,
             model=self.model,
-            module=module,
-            optimizer=self.optimizer,
             eps=self.eps,
             step_size=self.step_size,
-            attack_generator=self.attack_generator,
-            revision_generator=self.revision_generator,
-            found_inf=torch.zeros((), device=self.device),
-            masker=masker,
-            revision=revision,
-            revision_forward=revision_forward,
-            amp=cfg.amp,
-            revision_rate=cfg.revision_rate,
+            attack_seed=derived_seed(cfg.seed, "attack"),
+            revision_seed=derived_seed(cfg.seed, "revision"),
+        )
+        self.optimizer = self.ctx.optimizer
+        self.revision = self.ctx.revision
+        self.attack_generator = self.ctx.attack_generator
+        self.revision_generator = self.ctx.revision_generator
+        self.lr_factor = _lr_factor(cfg, self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, self.lr_factor
         )
 
         # Loop state (all of it goes into checkpoints).
@@ -408,7 +367,7 @@ class _Trainer:
                 "train_seconds": self.train_seconds,
             },
             "environment": {
-                "torch": torch.__version__,
+                "torch": str(torch.__version__),
                 "python": platform.python_version(),
                 "device": str(self.device),
             },
@@ -553,7 +512,7 @@ class _Trainer:
         row: dict[str, Any] = {
             "epoch": self.epoch + 1,
             "stage": stage,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": cfg.lr * self.lr_factor(self.step - 1),  # the lr of the epoch's last step
             "train_loss": sums["loss"] / max(self.epoch_steps, 1),
             "train_nat_acc": 100.0 * sums["correct_nat"] / max(self.epoch_images, 1),
             "train_adv_acc": 100.0 * sums["correct_adv"] / max(self.epoch_images, 1),

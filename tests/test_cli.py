@@ -1,0 +1,226 @@
+"""The command line: argument errors (exit 2 before any work), train, eval, presets, python -m cure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cure.cli import main
+from cure.config import PRESETS, ConfigError, TrainConfig, resolve_config
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = [
+    "--dataset",
+    "fashion-mnist",
+    "--arch",
+    "cnn",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "32",
+    "--train-samples",
+    "64",
+    "--val-size",
+    "32",
+    "--eval-samples",
+    "32",
+    "--attack-steps",
+    "1",
+    "--kernel-backend",
+    "reference",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
+
+
+def _exit_code(argv, capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    return info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--method", "mart"], "invalid choice: 'mart'"),
+        (["--dataset", "imagenet"], "dataset must be one of"),
+        (["--arch", "vgg16"], "arch must be one of"),
+        (["-p", "1.5"], "p must lie in [0, 1], got 1.5"),
+        (["--alpha", "-0.1"], "alpha must lie in [0, 1], got -0.1"),
+        (["--epochs", "0"], "epochs must be at least 1, got 0"),
+        (["--lr", "-1"], "lr must be positive"),
+        (["--lr", "fast"], "invalid float value: 'fast'"),
+        (["--revision-decay", "1.2"], "revision_decay must lie in [0, 1]"),
+        (["--batch-size", "0"], "batch_size must be at least 1"),
+        (["--eps", "2"], "eps must lie in [0, 1]"),
+        (["--eval-attacks", "nat,fgsm"], "eval_attacks must be one of"),
+        (["--warmup-epochs", "1", "--epochs", "1"], "warmup_epochs must be smaller than epochs"),
+        (
+            ["--preset", "paper-cifar10-resnet18"],
+            "preset 'paper-cifar10-resnet18' is for resnet18 on cifar10",
+        ),
+        (["--preset", "nope"], "unknown preset 'nope'"),
+        (["--init", "/nonexistent/last.pt"], "does not exist"),
+        (["--mask-mode", "weights"], "invalid choice: 'weights'"),
+    ],
+)
+def test_bad_arguments_exit_2_before_any_work(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    code, err = _exit_code(
+        ["train", "--out", str(out), "--dataset", "fashion-mnist", "--arch", "cnn", *argv], capsys
+    )
+    assert code == 2
+    assert message in err
+    assert not out.exists()  # nothing was started
+
+
+def test_existing_output_needs_resume_or_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    code, err = _exit_code(["train", "--out", str(out), *FAST], capsys)
+    assert code == 2 and "already exists" in err and "--resume" in err and "--overwrite" in err
+    code, err = _exit_code(["train", "--out", str(out), "--resume", *FAST], capsys)
+    assert code == 2 and "last.pt" in err
+    code, err = _exit_code(["train", "--out", str(out), "--resume", "--overwrite"], capsys)
+    assert code == 2 and "contradict" in err
+
+
+def test_train_eval_and_resume_through_the_command_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--method", "cure", "--out", str(out), *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "PGD-20" in printed and "revision" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "cure" and "nrr" in summary and "rev_nrr" in summary
+
+    # Resuming a finished run with a different hyper-parameter is refused; the same run is fine.
+    code, err = _exit_code(["train", "--out", str(out), "--resume", "--lr", "0.3"], capsys)
+    assert code == 2 and "lr" in err and "differ" in err
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    capsys.readouterr()
+
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(out / "last.pt"),
+                "--attacks",
+                "nat,pgd20",
+                "--which",
+                "both",
+                "--eval-samples",
+                "16",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "Nat" in printed and "PGD-20" in printed and "NRR" in printed and "revision" in printed
+    results = json.loads((out / "eval.json").read_text())["last.pt"]
+    assert results["test_images"] == 16 and set(results) >= {"model", "revision"}
+    model = results["model"]
+    assert set(model) == {"nat_acc", "pgd20_acc", "nrr"}
+    nat, rob = model["nat_acc"], model["pgd20_acc"]
+    assert model["nrr"] == pytest.approx(0 if nat + rob == 0 else 2 * nat * rob / (nat + rob))
+
+    code, err = _exit_code(["eval", "--checkpoint", str(out / "last.pt"), "--attacks", "nat,fgsm"], capsys)
+    assert code == 2 and "unknown attack 'fgsm'" in err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"junk")
+    code, err = _exit_code(["eval", "--checkpoint", str(bad)], capsys)
+    assert code == 2 and "bad.pt" in err
+
+
+def test_presets_state_their_sources(capsys):
+    assert main(["presets"]) == 0
+    printed = capsys.readouterr().out
+    for name in PRESETS:
+        assert name in printed
+    assert "paper Table 9" in printed and "official README" in printed
+
+
+def test_presets_and_overrides():
+    cfg = resolve_config({"dataset": "cifar10", "arch": "resnet18", "method": "cure"})
+    assert cfg.preset == "paper-cifar10-resnet18"
+    assert (cfg.p, cfg.alpha, cfg.gamma, cfg.lr, cfg.epochs, cfg.weight_decay) == (
+        0.3,
+        0.1,
+        1.0,
+        0.1,
+        200,
+        5e-3,
+    )
+    assert cfg.revision_rate == 0.2 and cfg.revision_decay == 0.999 and cfg.lr_milestones == (100, 150)
+    wrn = resolve_config({"dataset": "cifar10", "arch": "wrn-34-10"})
+    assert (wrn.p, wrn.alpha, wrn.gamma) == (0.5, 0.3, 0.5)
+    svhn = resolve_config({"dataset": "svhn", "arch": "resnet18"})
+    assert svhn.alpha == 0.2
+    readme = resolve_config(
+        {"dataset": "cifar10", "arch": "resnet18"}, preset="official-readme-cifar10-resnet18"
+    )
+    assert (readme.epochs, readme.weight_decay) == (120, 7e-4)
+    over = resolve_config({"dataset": "cifar10", "arch": "resnet18", "p": 0.5, "epochs": 3})
+    assert (over.p, over.epochs, over.alpha) == (0.5, 3, 0.1)
+    fm = resolve_config({})
+    assert (fm.dataset, fm.arch, fm.eps, fm.step_size, fm.attack_steps) == (
+        "fashion-mnist",
+        "cnn",
+        0.1,
+        0.025,
+        10,
+    )
+    assert fm.preset == "fashion-mnist-cnn"
+    plain = resolve_config({"dataset": "cifar10", "arch": "cnn"})
+    assert plain.preset is None
+    with pytest.raises(ConfigError, match="unknown configuration field"):
+        resolve_config({"learning_rate": 0.1})
+    round_trip = TrainConfig.from_dict(cfg.to_dict())
+    assert round_trip == cfg
+
+
+def test_python_dash_m_cure_is_the_same_command(tmp_path):
+    help_text = subprocess.run(
+        [sys.executable, "-m", "cure", "train", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for option in (
+        "--method",
+        "--resume",
+        "--no-mask",
+        "--no-revision",
+        "--mask-mode",
+        "--warmup-epochs",
+        "--init",
+        "--amp",
+        "--compile",
+        "--checkpoint-every",
+        "--train-samples",
+        "--eval-samples",
+        "--preset",
+        "--overwrite",
+        "--data-root",
+        "--download",
+        "--seed",
+        "--device",
+    ):
+        assert option in help_text, option
+    bad = subprocess.run(
+        [sys.executable, "-m", "cure", "train", "--out", str(tmp_path / "x"), "--dataset", "mnist-ish"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "dataset must be one of" in bad.stderr

@@ -1,0 +1,361 @@
+"""The step functions of cure/methods.py: each method trains; CURE's mask, revision, ablations and faults."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import cure.methods as methods
+from cure.config import TrainConfig
+from cure.data import DATASETS
+from cure.methods import STEP_FUNCTIONS, build_step_context, kl_divergence
+from cure.models import build_model
+from cure.revision import RevisionModel, revision_decay_at
+from cure_kernels import reference
+
+SPEC = DATASETS["fashion-mnist"]
+
+
+def _config(**kw) -> TrainConfig:
+    base = dict(
+        method="cure",
+        dataset="fashion-mnist",
+        arch="cnn",
+        lr=0.05,
+        weight_decay=5e-4,
+        attack_steps=2,
+        eps=0.1,
+        step_size=0.05,
+        alpha=0.1,
+        p=0.3,
+        gamma=1.0,
+        beta=1.0,
+        kernel_backend="reference",
+    )
+    base.update(kw)
+    return TrainConfig(**base).validate()
+
+
+def _context(cfg: TrainConfig, seed: int = 0):
+    torch.manual_seed(seed)
+    module = build_model(cfg.arch, SPEC)
+    return build_step_context(
+        cfg, module, eps=cfg.eps, step_size=cfg.step_size, attack_seed=seed + 1, revision_seed=seed + 2
+    )
+
+
+def _batch(n: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand((n,) + tuple(SPEC.shape), generator=g)
+    y = torch.randint(0, SPEC.num_classes, (n,), generator=g)
+    return x, y
+
+
+def _params(module):
+    return [q.detach().clone() for q in module.parameters()]
+
+
+def _natural_ce(module, x, y) -> float:
+    probe = copy.deepcopy(module).train()  # a copy: the probe must not touch the BatchNorm statistics
+    with torch.no_grad():
+        return float(F.cross_entropy(probe(x), y))
+
+
+@pytest.mark.parametrize("method", ["st", "at", "trades", "cure"])
+def test_every_method_trains(method):
+    ctx = _context(_config(method=method))
+    x, y = _batch()
+    before = _params(ctx.module)
+    ce_before = _natural_ce(ctx.module, x, y)
+    for _ in range(5):
+        result = STEP_FUNCTIONS[method](ctx, x, y)
+        assert torch.isfinite(result.loss)
+        assert not bool(result.skipped)
+        assert 0 <= int(result.correct_nat) <= len(y) and 0 <= int(result.correct_adv) <= len(y)
+    after = _params(ctx.module)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after)), "no parameter moved"
+    ce_after = _natural_ce(ctx.module, x, y)
+    assert ce_after < ce_before, f"{method}: natural CE on a repeated batch went {ce_before} -> {ce_after}"
+    assert ctx.module.training
+
+
+def test_kl_divergence_is_batchmean_kl_of_softmaxes():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    p, q = F.softmax(a, 1), F.softmax(b, 1)
+    expected = (p * (p.log() - q.log())).sum(1).mean()
+    torch.testing.assert_close(kl_divergence(a, b), expected)
+    assert float(kl_divergence(a, a)) == pytest.approx(0.0, abs=1e-7)
+    assert kl_divergence(a.bfloat16(), b.bfloat16()).dtype == torch.float32
+
+
+def _record_cure_step(ctx, x, y, monkeypatch):
+    """Run one CURE step and record x_adv, the unmasked update, the gradients the optimizer saw, and stats."""
+    seen: dict = {}
+    real_attack = methods.trades_pgd
+
+    def attack(*args, **kw):
+        seen["x_adv"] = real_attack(*args, **kw)
+        return seen["x_adv"]
+
+    monkeypatch.setattr(methods, "trades_pgd", attack)
+    if ctx.masker is not None:
+        real_mask = ctx.masker.mask_
+
+        def mask():
+            seen["unmasked"] = [q.grad.clone() for q in ctx.masker.params]
+            seen["stats"] = real_mask()
+            return seen["stats"]
+
+        monkeypatch.setattr(ctx.masker, "mask_", mask)
+    real_step = ctx.optimizer.step
+
+    def step(*args, **kw):
+        seen["grads"] = [q.grad.clone() for q in ctx.module.parameters()]
+        return real_step(*args, **kw)
+
+    monkeypatch.setattr(ctx.optimizer, "step", step)
+    seen["result"] = methods.cure_step(ctx, x, y)
+    return seen
+
+
+def test_cure_gradients_and_mask_equal_the_reference(monkeypatch):
+    cfg = _config(p=0.4, alpha=0.2, gamma=0.7, beta=1.5)
+    ctx = _context(cfg)
+    x, y = _batch()
+    # One warm-up step so that momentum, the revision model and BN statistics are not trivial.
+    methods.cure_step(ctx, *_batch(seed=1))
+    model0 = copy.deepcopy(ctx.module)
+    rev0 = copy.deepcopy(ctx.revision.module)
+    seen = _record_cure_step(ctx, x, y, monkeypatch)
+    x_adv = seen["x_adv"]
+    assert (x_adv - x).abs().max() <= cfg.eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+
+    # The three gradients, recomputed with the pre-step weights (train mode; revision targets in eval mode).
+    model0.train()
+    params = list(model0.parameters())
+    logits_nat, logits_adv = model0(x), model0(x_adv)
+    with torch.no_grad():
+        rev0.eval()
+        rev_nat, rev_adv = rev0(x), rev0(x_adv)
+    loss_nat = F.cross_entropy(logits_nat, y)
+    loss_rob = F.cross_entropy(logits_adv, y)
+    loss = (
+        loss_nat
+        + cfg.beta * kl_divergence(logits_nat, logits_adv)
+        + cfg.gamma * (kl_divergence(rev_nat, logits_nat) + kl_divergence(rev_adv, logits_adv))
+    )
+    g_nat = torch.autograd.grad(loss_nat, params, retain_graph=True)
+    g_rob = torch.autograd.grad(loss_rob, params, retain_graph=True)
+    g_all = torch.autograd.grad(loss, params)
+    torch.testing.assert_close(seen["result"].loss, loss.detach())
+    for got, exp in zip(ctx.masker.grads_nat, g_nat):
+        torch.testing.assert_close(got, exp)
+    for got, exp in zip(ctx.masker.grads_adv, g_rob):
+        torch.testing.assert_close(got, exp)
+    for got, exp in zip(seen["unmasked"], g_all):
+        torch.testing.assert_close(got, exp)
+
+    # The mask the trainer applied equals the oracle on the same gradients, bit for bit.
+    expected = [g.clone() for g in seen["unmasked"]]
+    thresholds, kept, nonfinite = reference.rgp_mask_reference(
+        expected, ctx.masker.grads_nat, ctx.masker.grads_adv, cfg.alpha, cfg.p
+    )
+    for got, exp in zip(seen["grads"], expected):
+        assert torch.equal(got, exp)
+    stats = seen["stats"]
+    assert torch.equal(stats.thresholds.view(torch.int32), thresholds.view(torch.int32))
+    assert torch.equal(stats.kept, kept) and torch.equal(stats.nonfinite, nonfinite)
+    n = sum(q.numel() for q in params)
+    assert float(seen["result"].kept_fraction) == pytest.approx(int(kept.sum()) / n)
+    assert int(kept.sum()) < n  # something was conserved
+
+
+def test_no_mask_leaves_gradients_unmasked_and_skips_the_extra_backward_passes(monkeypatch):
+    cfg = _config(no_mask=True)
+    ctx = _context(cfg)
+    assert ctx.masker is None and ctx.revision is not None
+    calls = []
+    real_backward = torch.Tensor.backward
+
+    def counting_backward(self, *args, **kw):
+        calls.append(1)
+        return real_backward(self, *args, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "backward", counting_backward)
+    model0, rev0 = copy.deepcopy(ctx.module), copy.deepcopy(ctx.revision.module)
+    x, y = _batch()
+    seen = _record_cure_step(ctx, x, y, monkeypatch)
+    assert len(calls) == 1
+    model0.train()
+    x_adv = seen["x_adv"]
+    logits_nat, logits_adv = model0(x), model0(x_adv)
+    with torch.no_grad():
+        rev_nat, rev_adv = rev0(x), rev0(x_adv)
+    loss = (
+        F.cross_entropy(logits_nat, y)
+        + kl_divergence(logits_nat, logits_adv)
+        + kl_divergence(rev_nat, logits_nat)
+        + kl_divergence(rev_adv, logits_adv)
+    )
+    for got, exp in zip(seen["grads"], torch.autograd.grad(loss, list(model0.parameters()))):
+        torch.testing.assert_close(got, exp)
+    assert float(seen["result"].kept_fraction) == 1.0
+
+    calls.clear()
+    methods.cure_step(_context(_config()), x, y)
+    assert len(calls) == 3  # with the mask: L_nat, L_rob, then L
+
+
+def test_no_revision_drops_the_consistency_loss_and_the_revision_update(monkeypatch):
+    cfg = _config(no_revision=True, revision_rate=1.0)
+    ctx = _context(cfg)
+    assert ctx.revision is None and ctx.masker is not None
+    gen_state = ctx.revision_generator.get_state()
+    model0 = copy.deepcopy(ctx.module)
+    x, y = _batch()
+    seen = _record_cure_step(ctx, x, y, monkeypatch)
+    assert not seen["result"].revised
+    assert torch.equal(ctx.revision_generator.get_state(), gen_state)  # no draw either
+    model0.train()
+    logits_nat, logits_adv = model0(x), model0(seen["x_adv"])
+    loss_adv = F.cross_entropy(logits_nat, y) + kl_divergence(logits_nat, logits_adv)
+    torch.testing.assert_close(seen["result"].loss, loss_adv.detach())
+    for got, exp in zip(seen["unmasked"], torch.autograd.grad(loss_adv, list(model0.parameters()))):
+        torch.testing.assert_close(got, exp)
+
+
+def test_revision_update_arithmetic():
+    torch.manual_seed(0)
+    model = build_model("cnn", SPEC)
+    rev = RevisionModel(model, rate=0.2, decay=0.999, backend="reference")
+    assert not rev.module.training and not any(q.requires_grad for q in rev.module.parameters())
+    # Move the model (parameters and BN buffers) away from the copy.
+    model.train()
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(torch.randn_like(q))
+        model(torch.rand(8, *SPEC.shape))
+    before = {k: v.clone() for k, v in rev.module.state_dict().items()}
+    src = model.state_dict()
+    decay = revision_decay_at(3, 0.999)
+    assert decay == pytest.approx(0.75)
+    rev.update(decay)
+    after = rev.module.state_dict()
+    floats = 0
+    for key, value in after.items():
+        if value.is_floating_point():
+            floats += 1
+            expected = before[key].clone()
+            reference.revise_reference([expected], [src[key]], decay)
+            assert torch.equal(value, expected), key
+        else:
+            assert torch.equal(value, src[key]), key  # integer buffers (num_batches_tracked) are copied
+    assert floats == len(list(model.parameters())) + sum(b.is_floating_point() for b in model.buffers())
+    assert rev.updates == 1
+    # The warm-up of the decay: d_t = min(1 - 1/(t+1), d).
+    assert revision_decay_at(1, 0.999) == 0.5
+    assert revision_decay_at(10_000, 0.999) == 0.999
+    with pytest.raises(ValueError, match="step"):
+        revision_decay_at(0, 0.999)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3, 1.0])
+def test_revision_draws_come_from_the_trainer_generator(rate):
+    cfg = _config(revision_rate=rate)
+    ctx = _context(cfg)
+    twin = torch.Generator().manual_seed(2)  # _context seeds the revision generator with seed + 2
+    x, y = _batch()
+    flags = [methods.cure_step(ctx, x, y).revised for _ in range(8)]
+    expected = [float(torch.rand((), generator=twin)) < rate for _ in range(8)]
+    assert flags == expected
+    assert ctx.revision.updates == sum(expected)
+    assert ctx.cure_step == 8
+
+
+def test_revision_moves_towards_the_model_with_the_warmed_up_decay():
+    cfg = _config(revision_rate=1.0)
+    ctx = _context(cfg)
+    x, y = _batch()
+    methods.cure_step(ctx, x, y)  # t = 1: d_1 = 0.5
+    model_w = next(ctx.module.parameters()).detach()
+    rev_w = next(ctx.revision.module.parameters()).detach()
+    assert not torch.equal(rev_w, model_w)
+    ctx2 = _context(cfg)
+    w0 = next(ctx2.module.parameters()).detach().clone()
+    expected = w0.clone()
+    reference.revise_reference([expected], [model_w], 0.5)
+    assert torch.equal(rev_w, expected)
+
+
+def test_update_mode_freezes_conserved_weights_bit_for_bit(monkeypatch):
+    cfg = _config(mask_mode="update", weight_decay=5e-2)
+    ctx = _context(cfg)
+    methods.cure_step(ctx, *_batch(seed=3))  # momentum buffers become non-zero
+    keeps_seen = {}
+    real_keep = ctx.masker.keep_masks
+
+    def keep_masks():
+        keeps, stats = real_keep()
+        keeps_seen["keeps"] = [k.clone() for k in keeps]
+        return keeps, stats
+
+    monkeypatch.setattr(ctx.masker, "keep_masks", keep_masks)
+    params = list(ctx.module.parameters())
+    before = [q.detach().clone() for q in params]
+    bufs = [ctx.optimizer.state[q]["momentum_buffer"].clone() for q in params]
+    methods.cure_step(ctx, *_batch())
+    conserved_total = moved = 0
+    for q, old, old_buf, keep in zip(params, before, bufs, keeps_seen["keeps"]):
+        conserved = keep == 0
+        conserved_total += int(conserved.sum())
+        assert torch.equal(q.detach()[conserved], old[conserved])
+        assert torch.equal(ctx.optimizer.state[q]["momentum_buffer"][conserved], old_buf[conserved])
+        moved += int((q.detach()[~conserved] != old[~conserved]).sum())
+    assert conserved_total > 0 and moved > 0
+
+    # In "grad" mode, momentum and weight decay still move conserved weights (the official behaviour).
+    ctx_g = _context(_config(mask_mode="grad", weight_decay=5e-2))
+    methods.cure_step(ctx_g, *_batch(seed=3))
+    before = [q.detach().clone() for q in ctx_g.module.parameters()]
+    seen = {}
+    real_mask = ctx_g.masker.mask_
+
+    def mask():
+        stats = real_mask()
+        seen["zero"] = [q.grad == 0 for q in ctx_g.masker.params]
+        return stats
+
+    monkeypatch.setattr(ctx_g.masker, "mask_", mask)
+    methods.cure_step(ctx_g, *_batch())
+    drift = sum(
+        int((q.detach()[z] != old[z]).sum())
+        for q, old, z in zip(ctx_g.module.parameters(), before, seen["zero"])
+    )
+    assert drift > 0
+
+
+@pytest.mark.parametrize("method", ["st", "trades", "cure"])
+def test_non_finite_step_is_skipped_on_the_device(method):
+    ctx = _context(_config(method=method))
+    STEP_FUNCTIONS[method](ctx, *_batch(seed=4))
+    params = list(ctx.module.parameters())
+    before = [q.detach().clone() for q in params]
+    bufs = [ctx.optimizer.state[q]["momentum_buffer"].clone() for q in params]
+    stats = [b.clone() for b in ctx.module.buffers()]
+    x, y = _batch()
+    x[0, 0, 0, 0] = float("nan")
+    result = STEP_FUNCTIONS[method](ctx, x, y)
+    assert bool(result.skipped)
+    for q, old, old_buf in zip(params, before, bufs):
+        assert torch.equal(q.detach(), old)
+        assert torch.equal(ctx.optimizer.state[q]["momentum_buffer"], old_buf)
+    for b, old in zip(ctx.module.buffers(), stats):  # BatchNorm statistics are not poisoned either
+        assert torch.equal(b, old)
+    # The next good step is applied again.
+    result = STEP_FUNCTIONS[method](ctx, *_batch(seed=5))
+    assert not bool(result.skipped)
+    assert any(not torch.equal(q.detach(), old) for q, old in zip(params, before))

@@ -1,0 +1,171 @@
+"""Exact resume: an interrupted run continued from last.pt ends bit-identical to an uninterrupted one."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cure.checkpoint import CheckpointError, load_checkpoint
+from cure.config import resolve_config
+from cure.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(
+    dataset="fashion-mnist",
+    arch="cnn",
+    epochs=3,
+    batch_size=32,
+    train_samples=160,
+    val_size=32,
+    eval_samples=32,
+    attack_steps=2,
+    progress=False,
+    kernel_backend="reference",
+    device="cpu",
+    revision_rate=0.5,
+)
+_TIMING = {"epoch_seconds", "train_seconds", "train_images_per_second"}
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    sa, sb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
+    for key, value in sa["model"].items():
+        assert torch.equal(value, sb["model"][key]), f"model {key}"
+    if sa["revision"] is not None:
+        assert sa["revision"]["updates"] == sb["revision"]["updates"]
+        for key, value in sa["revision"]["module"].items():
+            assert torch.equal(value, sb["revision"]["module"][key]), f"revision {key}"
+    for pid, st in sa["optimizer"]["state"].items():
+        assert torch.equal(st["momentum_buffer"], sb["optimizer"]["state"][pid]["momentum_buffer"])
+    assert sa["progress"] == sb["progress"]
+    with open(a / "metrics.csv") as fa, open(b / "metrics.csv") as fb:
+        ra, rb = list(csv.DictReader(fa)), list(csv.DictReader(fb))
+    assert len(ra) == len(rb) == TINY["epochs"]
+    for x, y in zip(ra, rb):
+        assert {k: v for k, v in x.items() if k not in _TIMING} == {
+            k: v for k, v in y.items() if k not in _TIMING
+        }
+    ja = json.loads((a / "summary.json").read_text())
+    jb = json.loads((b / "summary.json").read_text())
+    assert {k: v for k, v in ja.items() if k not in _TIMING} == {
+        k: v for k, v in jb.items() if k not in _TIMING
+    }
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(method="cure"), dict(method="cure", warmup_epochs=1, mask_mode="update"), dict(method="at")],
+    ids=["cure", "cure-eff-update", "at"],
+)
+def test_resume_mid_epoch_is_exact(tmp_path, kw):
+    cfg = resolve_config({**TINY, **kw, "checkpoint_every": 3})
+    train(cfg, tmp_path / "whole", echo=False)
+    assert train(cfg, tmp_path / "split", stop_after_step=7, echo=False) is None
+    progress = load_checkpoint(tmp_path / "split" / "last.pt")["progress"]
+    assert progress["epoch"] == 1 and progress["batch"] == 2  # 5 steps per epoch: stopped inside epoch 2
+    assert not (tmp_path / "split" / "summary.json").exists()
+    train(cfg, tmp_path / "split", resume=True, echo=False)
+    _assert_same_run(tmp_path / "whole", tmp_path / "split")
+
+
+def test_resume_after_a_completed_epoch_and_of_a_finished_run(tmp_path):
+    cfg = resolve_config({**TINY, "method": "trades"})
+    train(cfg, tmp_path / "whole", echo=False)
+    assert train(cfg, tmp_path / "split", stop_after_step=5, echo=False) is None
+    assert load_checkpoint(tmp_path / "split" / "last.pt")["progress"]["batch"] == 0
+    train(cfg, tmp_path / "split", resume=True, echo=False)
+    _assert_same_run(tmp_path / "whole", tmp_path / "split")
+    summary = train(None, tmp_path / "split", resume=True, echo=False)  # nothing left: evaluates again
+    assert summary["pgd20_acc"] == json.loads((tmp_path / "whole" / "summary.json").read_text())["pgd20_acc"]
+
+
+def test_resume_from_a_corrupt_checkpoint_names_the_file(tmp_path):
+    cfg = resolve_config({**TINY, "method": "st", "epochs": 1})
+    train(cfg, tmp_path / "r", echo=False)
+    last = tmp_path / "r" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="last.pt"):
+        train(cfg, tmp_path / "r", resume=True, echo=False)
+
+
+def _cli(out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "cure",
+        "train",
+        "--method",
+        "cure",
+        "--dataset",
+        "fashion-mnist",
+        "--arch",
+        "cnn",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--train-samples",
+        "320",
+        "--val-size",
+        "32",
+        "--eval-samples",
+        "32",
+        "--attack-steps",
+        "2",
+        "--revision-rate",
+        "0.5",
+        "--kernel-backend",
+        "reference",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--checkpoint-every",
+        "3",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run(_cli(tmp_path / "whole"), cwd=ROOT, env=env, check=True, capture_output=True)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _cli(out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            last = out / "last.pt"
+            if last.is_file():
+                try:
+                    progress = load_checkpoint(last)["progress"]
+                except CheckpointError:
+                    progress = None
+                if progress is not None and progress["batch"] > 0 and progress["step"] >= 3:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be interrupted"
+    assert not (out / "summary.json").exists()
+    resumed = subprocess.run(_cli(out, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming at epoch" in resumed.stdout
+    _assert_same_run(tmp_path / "whole", out)

@@ -1,0 +1,177 @@
+"""The training loop end to end on tiny Fashion-MNIST subsets: outputs, summary, warm-up, faults."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from cure.config import ConfigError, TrainConfig, resolve_config
+from cure.train import METRIC_COLUMNS, TrainingError, nrr, results_table, train
+
+TINY = dict(
+    dataset="fashion-mnist",
+    arch="cnn",
+    epochs=2,
+    batch_size=32,
+    train_samples=128,
+    val_size=48,
+    eval_samples=48,
+    attack_steps=2,
+    lr=0.05,
+    progress=False,
+    kernel_backend="reference",
+    device="cpu",
+)
+
+
+def tiny(**kw) -> TrainConfig:
+    return resolve_config({**TINY, **kw})
+
+
+def _rows(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.parametrize("method", ["st", "at", "trades", "cure"])
+def test_each_method_writes_a_complete_run_directory(tmp_path, method, capsys):
+    out = tmp_path / method
+    summary = train(tiny(method=method), out)
+    for name in ("config.json", "metrics.csv", "summary.json", "last.pt", "best.pt"):
+        assert (out / name).is_file(), name
+    assert any((out / "tensorboard").glob("events.out.tfevents.*"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == method and config["epochs"] == 2
+    rows = _rows(out / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert list(rows[0]) == list(METRIC_COLUMNS)
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    for key in (
+        "method",
+        "dataset",
+        "arch",
+        "epochs",
+        "nat_acc",
+        "pgd20_acc",
+        "nrr",
+        "best_epoch",
+        "best_nat_acc",
+        "best_pgd20_acc",
+        "last_nat_acc",
+        "last_pgd20_acc",
+        "delta_pgd20_acc",
+    ):
+        assert key in on_disk, key
+    assert on_disk["method"] == method and on_disk["test_images"] == 48
+    assert 0 <= on_disk["nat_acc"] <= 100 and 0 <= on_disk["pgd20_acc"] <= 100
+    # NRR is the harmonic mean of natural and PGD-20 accuracy, in percent.
+    nat, rob = on_disk["nat_acc"], on_disk["pgd20_acc"]
+    assert on_disk["nrr"] == pytest.approx(0 if nat + rob == 0 else 2 * nat * rob / (nat + rob))
+    assert on_disk["delta_pgd20_acc"] == pytest.approx(on_disk["best_pgd20_acc"] - on_disk["last_pgd20_acc"])
+    has_revision = method == "cure"
+    assert ("rev_nat_acc" in on_disk) == has_revision
+    if has_revision:
+        for key in ("rev_pgd20_acc", "rev_nrr", "rev_best_nat_acc", "rev_last_pgd20_acc", "rev_delta_nrr"):
+            assert key in on_disk, key
+        assert rows[0]["rev_val_pgd20_acc"] != ""
+        assert 0 < float(rows[0]["kept_fraction"]) < 1
+    else:
+        assert float(rows[0]["kept_fraction"]) == 1.0
+    printed = capsys.readouterr().out
+    assert "Nat" in printed and "PGD-20" in printed and "NRR" in printed
+    assert ("revision" in printed.split("Nat")[-1]) == has_revision
+
+
+def test_nrr_and_table():
+    assert nrr(80.0, 40.0) == pytest.approx(2 * 80 * 40 / 120)
+    assert nrr(0.0, 0.0) == 0.0
+    summary = {
+        "method": "cure",
+        "dataset": "fashion-mnist",
+        "arch": "cnn",
+        "test_images": 10,
+        "eps": 0.1,
+        "last_epoch": 3,
+        "best_epoch": 2,
+        "selection": "validation pgd20 acc",
+        "delta_pgd20_acc": 1.0,
+    }
+    for prefix in ("last_", "best_", "rev_last_", "rev_best_"):
+        summary.update(
+            {
+                f"{prefix}nat_acc": 80.0,
+                f"{prefix}pgd20_acc": 40.0,
+                f"{prefix}nrr": 53.33,
+                f"{prefix}cw_acc": 35.0,
+            }
+        )
+    table = results_table(summary)
+    assert "C&W" in table and "AA" not in table
+    assert "revision  best (2)" in table and "trained   last (3)" in table
+    assert "53.33" in table
+
+
+def test_cure_eff_warmup_then_cure_stage(tmp_path):
+    summary = train(tiny(method="cure", epochs=3, warmup_epochs=1), tmp_path / "eff", echo=False)
+    rows = _rows(tmp_path / "eff" / "metrics.csv")
+    assert [r["stage"] for r in rows] == ["st", "cure", "cure"]
+    assert float(rows[0]["kept_fraction"]) == 1.0 and float(rows[1]["kept_fraction"]) < 1.0
+    assert rows[0]["rev_val_nat_acc"] == "" and rows[1]["rev_val_nat_acc"] != ""
+    assert summary["warmup_epochs"] == 1
+
+
+def test_init_from_a_natural_checkpoint(tmp_path):
+    train(tiny(method="st", epochs=1), tmp_path / "st", echo=False)
+    cfg = tiny(method="cure", epochs=1, init=str(tmp_path / "st" / "last.pt"))
+    train(cfg, tmp_path / "cure", echo=False)
+    with pytest.raises(ConfigError, match="does not exist"):
+        train(tiny(method="cure", init=str(tmp_path / "missing.pt")), tmp_path / "x", echo=False)
+
+
+def test_best_epoch_is_chosen_on_validation_not_test(tmp_path):
+    summary = train(tiny(method="trades", epochs=3), tmp_path / "r", echo=False)
+    rows = _rows(tmp_path / "r" / "metrics.csv")
+    keys = [(float(r["val_pgd20_acc"]), float(r["val_nat_acc"])) for r in rows]
+    assert summary["best_epoch"] == 1 + keys.index(max(keys))
+    state = torch.load(tmp_path / "r" / "best.pt", weights_only=True)
+    assert state["progress"]["epoch"] == summary["best_epoch"]
+
+
+def test_divergence_stops_with_a_clear_message(tmp_path):
+    cfg = tiny(
+        method="st", lr=1e12, momentum=0.0, max_skipped_steps=2, log_every=1, epochs=2, train_samples=256
+    )
+    with pytest.raises(TrainingError, match="consecutive steps had a non-finite loss"):
+        with pytest.warns(RuntimeWarning, match="skipped"):
+            train(cfg, tmp_path / "div", echo=False)
+    assert (tmp_path / "div" / "config.json").is_file()
+
+
+def test_output_directory_rules(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="already exists"):
+        train(tiny(method="st", epochs=1), out, echo=False)
+    with pytest.raises(ConfigError, match="last.pt"):
+        train(tiny(method="st", epochs=1), tmp_path / "fresh", resume=True, echo=False)
+    train(tiny(method="st", epochs=1), out, overwrite=True, echo=False)
+    assert (out / "notes.txt").read_text() == "keep me"  # --overwrite removes only the run's own outputs
+    with pytest.raises(ConfigError, match="differ"):
+        train(tiny(method="st", epochs=1, lr=0.5), out, resume=True, echo=False)
+
+
+def test_piecewise_and_cosine_schedules(tmp_path):
+    train(tiny(method="st", epochs=4, lr_milestones=(2, 3), lr=0.1), tmp_path / "pw", echo=False)
+    lrs = [float(r["lr"]) for r in _rows(tmp_path / "pw" / "metrics.csv")]
+    assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.001])
+    train(tiny(method="st", epochs=2, lr_schedule="cosine", lr=0.1), tmp_path / "cos", echo=False)
+    lrs = [float(r["lr"]) for r in _rows(tmp_path / "cos" / "metrics.csv")]
+    steps = 128 // 32  # per epoch; the column holds the lr of each epoch's last step
+    assert lrs[0] == pytest.approx(0.05 * (1 + math.cos(math.pi * (steps - 1) / (2 * steps))))
+    assert lrs[1] == pytest.approx(0.05 * (1 + math.cos(math.pi * (2 * steps - 1) / (2 * steps))))
