@@ -1,9 +1,10 @@
 // CUDA implementations of cure::rgp_mask and cure::revise (schemas in csrc/cure_ops.cpp): ATen glue
 // around the kernels of rgp_mask_kernels.cu and revise_kernels.cu. Every launch goes to the current
 // stream of the tensors' device; nothing here waits for the GPU.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // at::cuda::getCurrentCUDAStream is this function (ATen/cuda/CUDAContext.h
+                                  // would also pull in cuBLAS/cuSPARSE headers, which kernels do not need)
 #include <torch/library.h>
 
 #include "launchers.h"
@@ -30,14 +31,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_mask_cuda(at::TensorList upda
                                                              at::TensorList grads_adv, double alpha, double p) {
   TORCH_CHECK(!updates.empty(), "rgp_mask: empty tensor lists carry no device; handle them before dispatch");
   const c10::cuda::CUDAGuard guard(updates[0].device());
-  CudaExec exec{at::cuda::getCurrentCUDAStream().stream()};
+  CudaExec exec{c10::cuda::getCurrentCUDAStream().stream()};
   return rgp_mask_run(updates, grads_nat, grads_adv, alpha, p, exec);
 }
 
 void revise_cuda(at::TensorList revision, at::TensorList params, double decay) {
   if (revision.empty()) return;
   const c10::cuda::CUDAGuard guard(revision[0].device());
-  CudaExec exec{at::cuda::getCurrentCUDAStream().stream()};
+  CudaExec exec{c10::cuda::getCurrentCUDAStream().stream()};
   revise_run(revision, params, decay, exec);
 }
 

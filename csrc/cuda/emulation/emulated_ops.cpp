@@ -11,6 +11,10 @@
 #include "../revise_kernels.cuh"
 #include "../rgp_mask_kernels.cuh"
 
+// c10's CPU allocator fills new allocations with a NaN pattern when this is set: outputs or workspaces
+// that a kernel forgets to write then show up as differences instead of passing by luck.
+extern bool FLAGS_caffe2_cpu_allocator_do_junk_fill;
+
 namespace cure_cuda {
 namespace {
 
@@ -42,6 +46,8 @@ void revise_emulated(std::vector<at::Tensor> revision, std::vector<at::Tensor> p
   revise_run(revision, params, decay, exec);
 }
 
+void junk_fill(bool on) { FLAGS_caffe2_cpu_allocator_do_junk_fill = on; }
+
 std::vector<int64_t> config() { return {kThreads, kItems, kChunk, kMaxTensorsPerLaunch}; }
 
 }  // namespace
@@ -50,5 +56,6 @@ std::vector<int64_t> config() { return {kThreads, kItems, kChunk, kMaxTensorsPer
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rgp_mask", &cure_cuda::rgp_mask_emulated, "rgp_mask kernels in the CPU emulation");
   m.def("revise", &cure_cuda::revise_emulated, "revise kernel in the CPU emulation");
+  m.def("junk_fill", &cure_cuda::junk_fill, "fill new CPU allocations with a NaN pattern");
   m.def("config", &cure_cuda::config, "(threads, items per thread, chunk, tensors per launch)");
 }
