@@ -193,6 +193,7 @@ def test_exact_on_views_into_flat_buffers(dtype, offset):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_exact_on_non_contiguous_inputs_and_update_in_place(dtype):
     gen = torch.Generator().manual_seed(7)
+
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to("cuda", dtype)
 
@@ -259,6 +260,7 @@ def test_revise_exact_on_views_non_contiguous_and_many_tensors(dtype):
             par.append(pb[start:start + n])
             start += n
         _check_revise(rev, par, 0.7)
+
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to("cuda", dtype)
 

@@ -111,6 +111,9 @@ struct MaskLaunch {
   long long* nonfinite;  // [T]
 };
 
+// Kernel arguments may take 32764 bytes (CUDA >= 12.1, Volta and newer); 128 tensors use 7744.
+static_assert(sizeof(MaskLaunch) <= 32764, "MaskLaunch exceeds the kernel argument limit");
+
 // One tensor of a revise launch.
 struct ReviseTensor {
   void* rev;          // revision parameter (contiguous), updated in place
@@ -127,6 +130,7 @@ struct ReviseLaunch {
   float decay;            // f32(decay)
   float one_minus_decay;  // f32(1 - decay), 1 - decay computed in double
 };
+static_assert(sizeof(ReviseLaunch) <= 32764, "ReviseLaunch exceeds the kernel argument limit");
 
 // ---------------------------------------------------------------------------------------------------
 // Host-side planning.
