@@ -56,7 +56,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["rgp_mask_triton", "flat_view", "flatten_tensors", "scatter_back", "load_float32"]
+__all__ = [
+    "rgp_mask_triton",
+    "plan_groups",
+    "select_thresholds",
+    "score_keys",
+    "flat_view",
+    "flatten_tensors",
+    "scatter_back",
+    "load_float32",
+]
 
 # Elements per program in the streaming passes. 4096 float32 elements (2 x 16 KiB of gradients) per
 # program with 8 warps gives 16 elements per thread: enough bytes in flight per SM to stream at full
@@ -126,7 +135,7 @@ def load_float32(ptr, offs, m):
 
 
 @triton.jit
-def _score_keys(nat_ptr, adv_ptr, offs, m, alpha, beta):
+def score_keys(nat_ptr, adv_ptr, offs, m, alpha, beta):
     """s = alpha*|g_nat| + beta*|g_adv| in float32 (each op rounded; launched without FMA contraction)
     and its radix key: the float bits as int32, NaN -> 0x7fffffff."""
     # load_float32 written out: each nested jit call costs about a millisecond per program in the
@@ -160,7 +169,7 @@ def _histogram_kernel(nat_ptr, adv_ptr, chunk_ptr, tensor_ptr, ws_ptr, alpha, be
         end = tl.multiple_of(end, _ALIGN)
     offs = start + tl.arange(0, BLOCK)
     m = offs < end
-    s, key = _score_keys(nat_ptr, adv_ptr, offs, m, alpha, beta)
+    s, key = score_keys(nat_ptr, adv_ptr, offs, m, alpha, beta)
     # Masked lanes are counted in bin 0 by tl.histogram, then taken out again.
     bins = tl.arange(0, NUM_BINS)
     hist = tl.histogram(tl.where(m, key >> _L1_SHIFT, 0), NUM_BINS)
@@ -252,7 +261,7 @@ def _refine_kernel(nat_ptr, adv_ptr, chunk_ptr, tensor_ptr, ws_ptr, cand_ptr, al
     state = ws_ptr + state_base + t * _S_COLS
     prefix_a = tl.load(state + _S_PREFIX_A)
     prefix_b = tl.load(state + _S_PREFIX_B)
-    s, key = _score_keys(nat_ptr, adv_ptr, offs, m, alpha, beta)
+    s, key = score_keys(nat_ptr, adv_ptr, offs, m, alpha, beta)
     top = key >> _L1_SHIFT
     in_a = m & (top == prefix_a)
     in_b = m & (top == prefix_b) & (prefix_a != prefix_b)
@@ -316,7 +325,7 @@ def _mask_kernel(nat_ptr, adv_ptr, upd_ptr, chunk_ptr, tensor_ptr, thr_ptr, kept
     thr = tl.load(thr_ptr + out)
     offs = start + tl.arange(0, BLOCK)
     m = offs < end
-    s, key = _score_keys(nat_ptr, adv_ptr, offs, m, alpha, beta)
+    s, key = score_keys(nat_ptr, adv_ptr, offs, m, alpha, beta)
     drop = m & (s < thr)
     tl.store(upd_ptr + offs, tl.zeros([BLOCK], dtype=upd_ptr.dtype.element_ty), mask=drop)
     kept = tl.sum((m & ~drop).to(tl.int32))
@@ -419,7 +428,8 @@ def _build_group(members: list[int], sizes: list[int], p: float, device: torch.d
                   torch.tensor(fracs, dtype=torch.float32, device=device))
 
 
-def _plan(updates: Sequence[Tensor], p: float) -> tuple[_Group, ...]:
+def plan_groups(updates: Sequence[Tensor], p: float) -> tuple[_Group, ...]:
+    """The dtype groups of a call and their device tables, cached per (device, p, dtypes, sizes)."""
     device = updates[0].device
     dtypes = tuple(u.dtype for u in updates)
     sizes = [u.numel() for u in updates]
@@ -443,15 +453,23 @@ def _plan(updates: Sequence[Tensor], p: float) -> tuple[_Group, ...]:
     return plan
 
 
+_plan = plan_groups  # the name the backend tests use
+
+
 # --- launcher ----------------------------------------------------------------------------------
 # No multiply-add contraction anywhere: the scores and the threshold must round like numpy/PyTorch.
 _STREAM_OPTIONS = {"num_warps": STREAM_WARPS, "enable_fp_fusion": False}
 _SELECT_OPTIONS = {"num_warps": SELECT_WARPS, "enable_fp_fusion": False}
 
 
-def _mask_group(group: _Group, updates: list[Tensor], grads_nat: list[Tensor], grads_adv: list[Tensor],
-                alpha: float, beta: float, thresholds: Tensor, kept: Tensor, nonfinite: Tensor) -> None:
-    device = updates[0].device
+def select_thresholds(group: _Group, nat: Tensor, adv: Tensor, alpha: float, beta: float, thresholds: Tensor,
+                      nonfinite: Tensor) -> None:
+    """Launches 1-6: the exact p-quantile of each tensor of ``group`` into ``thresholds[out]`` and its
+    non-finite score count into ``nonfinite[out]``. ``nat``/``adv`` are the group's flat gradients
+    (:func:`flatten_tensors`). The final pass over the data is the caller's: :func:`_mask_kernel`
+    here, the fused SGD kernel in ``triton_sgd_step``.
+    """
+    device = thresholds.device
     num_tensors = len(group.members)
     state_base = _DIGIT_LEVELS * num_tensors * BINS
     # Three histogram levels [3, T, BINS] then the per-tensor state [T, 8]; zeroed by the allocation.
@@ -466,12 +484,8 @@ def _mask_group(group: _Group, updates: list[Tensor], grads_nat: list[Tensor], g
     if nc == 0:  # every tensor of the group is empty: only the outputs (NaN threshold, no non-finite)
         select(3)
         return
-    nat, _ = flatten_tensors(grads_nat)
-    adv, _ = flatten_tensors(grads_adv)
-    upd, packed = flatten_tensors(updates)
     cand = torch.empty(group.total, dtype=torch.int32, device=device)
     chunks, tensors, aligned = group.chunks, group.tensors, group.aligned
-
     _histogram_kernel[(nc,)](nat, adv, chunks, tensors, ws, alpha, beta, nc, BLOCK=BLOCK, NUM_BINS=BINS,
                              ALIGNED=aligned, **_STREAM_OPTIONS)
     select(1)
@@ -481,8 +495,20 @@ def _mask_group(group: _Group, updates: list[Tensor], grads_nat: list[Tensor], g
     _candidate_kernel[(nc,)](cand, chunks, tensors, ws, nc, num_tensors, state_base, BLOCK=BLOCK,
                              NUM_BINS=BINS, NUM_SUB=SUB_BINS, **_STREAM_OPTIONS)
     select(3)
-    _mask_kernel[(nc,)](nat, adv, upd, chunks, tensors, thresholds, kept, alpha, beta, nc, BLOCK=BLOCK,
-                        ALIGNED=aligned, **_STREAM_OPTIONS)
+
+
+def _mask_group(group: _Group, updates: list[Tensor], grads_nat: list[Tensor], grads_adv: list[Tensor],
+                alpha: float, beta: float, thresholds: Tensor, kept: Tensor, nonfinite: Tensor) -> None:
+    nc = group.num_chunks
+    if nc == 0:
+        select_thresholds(group, updates[0], updates[0], alpha, beta, thresholds, nonfinite)
+        return
+    nat, _ = flatten_tensors(grads_nat)
+    adv, _ = flatten_tensors(grads_adv)
+    upd, packed = flatten_tensors(updates)
+    select_thresholds(group, nat, adv, alpha, beta, thresholds, nonfinite)
+    _mask_kernel[(nc,)](nat, adv, upd, group.chunks, group.tensors, thresholds, kept, alpha, beta, nc,
+                        BLOCK=BLOCK, ALIGNED=group.aligned, **_STREAM_OPTIONS)
     if packed:
         scatter_back(upd, updates)
 
@@ -505,7 +531,7 @@ def rgp_mask_triton(updates: list[Tensor], grads_nat: list[Tensor], grads_adv: l
     # alpha and 1 - alpha (in double, as Python computes it) rounded to float32 once, on the host.
     alpha32 = float(np.float32(alpha))
     beta32 = float(np.float32(1.0 - alpha))
-    for group in _plan(updates, float(p)):
+    for group in plan_groups(updates, float(p)):
         idx = group.members
         _mask_group(group, [updates[i] for i in idx], [grads_nat[i] for i in idx],
                     [grads_adv[i] for i in idx], alpha32, beta32, thresholds, kept, nonfinite)

@@ -1,0 +1,215 @@
+"""The whole per-step parameter work of CURE as one op: conserve mask, SGD, revision EMA.
+
+:func:`rgp_sgd_step_` applies, per parameter tensor, the conserve step (paper Eq. 6, SPEC section 2),
+the SGD update of ``torch.optim.SGD`` (momentum, weight decay, dampening 0, no Nesterov) and, when a
+revision list is given, the revision update (paper Eq. 7). Backends:
+
+* ``cure::rgp_sgd_step_reference`` -- :func:`rgp_sgd_step_reference`, the oracle, built from
+  :func:`cure_kernels.reference.rgp_mask_reference` and the SGD/EMA formula in PyTorch operations.
+* ``cure::rgp_sgd_step_triton`` -- :mod:`cure_kernels.triton_sgd_step`: radix-select threshold, then one
+  fused pass that writes the mask, the SGD update and the EMA.
+
+Both are ``torch.library`` custom ops with fake implementations, so the public function works under
+``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from cure_kernels import backends
+from cure_kernels.ops import MaskStats, _mask_stats_like
+from cure_kernels.reference import rgp_mask_reference, rgp_scores
+from cure_kernels.validation import check_fraction, check_tensor_lists
+
+__all__ = ["rgp_sgd_step_", "rgp_sgd_step_reference", "MASK_MODES", "SGD_STEP_BACKENDS"]
+
+MASK_MODES = ("grad", "update")
+SGD_STEP_BACKENDS = ("reference", "triton")
+
+
+def _f32(x: float) -> Tensor:
+    """A Python float rounded to a float32 scalar tensor (round to nearest)."""
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def rgp_sgd_step_reference(params: Sequence[Tensor], grads: Sequence[Tensor], grads_nat: Sequence[Tensor],
+                           grads_adv: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
+                           revision: Sequence[Tensor], lr: float, momentum: float, weight_decay: float,
+                           alpha: float, p: float, mask_mode: str, decay: float
+                           ) -> tuple[Tensor, Tensor, Tensor]:
+    """The oracle of :func:`rgp_sgd_step_` (same arguments; ``revision`` empty means no revision update).
+
+    Masks ``grads`` with :func:`cure_kernels.reference.rgp_mask_reference`, then per tensor, in float32
+    with every product and sum a separate rounded PyTorch operation::
+
+        d = g + f32(wd)*param;  buf' = f32(momentum)*buf + d  (stored);  param' = param - f32(lr)*buf'
+        mask_mode "update": param' = param, buf' = buf where s < thr
+        rev' = f32(decay)*rev + f32(1 - decay)*param'   (param' as stored)
+
+    Returns ``(thresholds, kept, nonfinite)`` like :func:`~cure_kernels.reference.rgp_mask_reference`.
+    Synchronises with the host (numpy): oracle only.
+    """
+    thresholds, kept, nonfinite = rgp_mask_reference(grads, grads_nat, grads_adv, alpha, p)
+    lr32, mom32, wd32 = _f32(lr), _f32(momentum), _f32(weight_decay)
+    decay32, keep32 = _f32(decay), _f32(1.0 - decay)
+    for i, (q, g, buf) in enumerate(zip(params, grads, momentum_buffers)):
+        if q.numel() == 0:
+            continue
+        dev = q.device
+        w, v = q.float(), buf.float()
+        d = g.float() + wd32.to(dev) * w
+        v_new = (mom32.to(dev) * v + d).to(buf.dtype)
+        w_new = (w - lr32.to(dev) * v_new.float()).to(q.dtype)
+        if mask_mode == "update":
+            scores = rgp_scores(grads_nat[i], grads_adv[i], alpha)
+            frozen = scores < thresholds[i].to(dev)  # a NaN threshold freezes nothing
+            v_new = torch.where(frozen, buf, v_new)
+            w_new = torch.where(frozen, q, w_new)
+        buf.copy_(v_new)
+        q.copy_(w_new)
+        if revision:
+            rev = revision[i]
+            rev.copy_(decay32.to(dev) * rev.float() + keep32.to(dev) * q.float())
+    return thresholds, kept, nonfinite
+
+
+def _stats_fake(params: list[Tensor], *args: object) -> tuple[Tensor, Tensor, Tensor]:
+    return _mask_stats_like(params)
+
+
+_MUTATED = ("params", "grads", "momentum_buffers", "revision")
+
+
+@torch.library.custom_op("cure::rgp_sgd_step_reference", mutates_args=_MUTATED)
+def _rgp_sgd_step_reference(params: list[Tensor], grads: list[Tensor], grads_nat: list[Tensor],
+                            grads_adv: list[Tensor], momentum_buffers: list[Tensor], revision: list[Tensor],
+                            lr: float, momentum: float, weight_decay: float, alpha: float, p: float,
+                            mask_mode: str, decay: float) -> tuple[Tensor, Tensor, Tensor]:
+    return rgp_sgd_step_reference(params, grads, grads_nat, grads_adv, momentum_buffers, revision, lr,
+                                  momentum, weight_decay, alpha, p, mask_mode, decay)
+
+
+@torch.library.custom_op("cure::rgp_sgd_step_triton", mutates_args=_MUTATED)
+def _rgp_sgd_step_triton(params: list[Tensor], grads: list[Tensor], grads_nat: list[Tensor],
+                         grads_adv: list[Tensor], momentum_buffers: list[Tensor], revision: list[Tensor],
+                         lr: float, momentum: float, weight_decay: float, alpha: float, p: float,
+                         mask_mode: str, decay: float) -> tuple[Tensor, Tensor, Tensor]:
+    # Imported here: TRITON_INTERPRET must be read when the kernels are defined.
+    from cure_kernels.triton_sgd_step import rgp_sgd_step_triton
+
+    return rgp_sgd_step_triton(params, grads, grads_nat, grads_adv, momentum_buffers, revision, lr, momentum,
+                               weight_decay, alpha, p, mask_mode, decay)
+
+
+for _op in (_rgp_sgd_step_reference, _rgp_sgd_step_triton):
+    _op.register_fake(_stats_fake)
+
+
+def _check_nonnegative(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a Python float, got a tensor ({value!r}); pass float({name}) "
+                            f"(reading a tensor would synchronise the device)")
+        raise TypeError(f"{name} must be a non-negative float, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return value
+
+
+def _resolve(backend: object, device: torch.device) -> str:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__} {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and backends.unavailable_reason("triton", device) is None:
+            return "triton"
+        return "reference"
+    if backend in ("cpu", "cuda"):
+        raise ValueError(f"backend={backend!r}: the C++ backends do not implement rgp_sgd_step_ yet; use "
+                         f"'triton' (CUDA tensors), 'reference' or 'auto', or cure_kernels.rgp_mask_ with "
+                         f"backend={backend!r} followed by torch.optim.SGD")
+    if backend not in SGD_STEP_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} for rgp_sgd_step_; choose 'auto', 'reference' or 'triton'")
+    reason = backends.unavailable_reason(backend, device)
+    if reason is not None:
+        raise ValueError(f"backend={backend!r} cannot run here: {reason}")
+    return backend
+
+
+def rgp_sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], grads_nat: Sequence[Tensor],
+                  grads_adv: Sequence[Tensor], momentum_buffers: Sequence[Tensor], *, lr: float, momentum: float,
+                  weight_decay: float, alpha: float, p: float, mask_mode: str = "grad",
+                  revision: Sequence[Tensor] | None = None, decay: float = 0.0,
+                  backend: str = "auto") -> MaskStats:
+    """CURE's conserve, update and revise steps (paper Eqs. 6 and 7) for a list of parameters, in place.
+
+    Per tensor i, in float32 (bf16/fp16 upcast exactly), each product and sum rounded separately (no
+    fused multiply-add), every stored value rounded to nearest-even into the tensor's dtype:
+
+    1. Conserve, exactly :func:`cure_kernels.rgp_mask_` (SPEC section 2):
+       ``s = f32(alpha)*|grads_nat| + f32(1 - alpha)*|grads_adv|``, ``thr = numpy.quantile(s, p)``,
+       ``grads[s < thr] = 0`` (in place; ties at thr kept).
+    2. Update, ``torch.optim.SGD`` with dampening 0 and no Nesterov, momentum buffers already created
+       (a trainer that creates them as zeros needs no first-step case)::
+
+           d = g + f32(weight_decay)*param;  buf = f32(momentum)*buf + d;  param = param - f32(lr)*buf
+
+       where g is the masked gradient and the param update reads buf as stored. ``mask_mode="grad"``
+       (the official code's behaviour): every entry goes through the formula, so weight decay and
+       momentum still move conserved entries. ``mask_mode="update"``: where ``s < thr`` both param and
+       buf are left unchanged (the whole update of a conserved entry is frozen).
+    3. Revise, when ``revision`` is given: ``rev = f32(decay)*rev + f32(1 - decay)*param`` with the new
+       param as stored (the caller draws u < r and passes its warmed-up decay d_t; skip otherwise).
+
+    Non-finite scores: if any score of a tensor is NaN its threshold is NaN, nothing of it is masked
+    (or frozen), and the step is still applied to it. ``MaskStats.nonfinite`` reports NaN and +inf
+    scores, but only after the parameters have moved: a caller that skips such steps must decide
+    before calling (for example by checking the gradients), or keep copies to restore.
+
+    Args:
+        params: the parameters (modified in place; under grad mode the op runs as ``torch.no_grad``).
+        grads: the update gradients (typically ``param.grad``); masked in place.
+        grads_nat, grads_adv: gradients of the natural and adversarial cross-entropy (prominence only).
+        momentum_buffers: SGD momentum buffers (``optimizer.state[param]["momentum_buffer"]``), in place.
+        lr, weight_decay: >= 0. momentum, alpha, p, decay: in [0, 1].
+        mask_mode: "grad" or "update".
+        revision: the revision model's parameters, one per param, or None for no revision update.
+        backend: "auto" (Triton on CUDA tensors when Triton is available, the reference elsewhere),
+            "reference" or "triton". The C++ backends ("cpu", "cuda") do not implement this op yet.
+
+    Returns:
+        :class:`~cure_kernels.MaskStats` as :func:`cure_kernels.rgp_mask_` returns it, on the tensors'
+        device; the Triton backend takes no host synchronisation, the reference does.
+    """
+    alpha = check_fraction("alpha", alpha)
+    p = check_fraction("p", p)
+    momentum = check_fraction("momentum", momentum)
+    decay = check_fraction("decay", decay)
+    lr = _check_nonnegative("lr", lr)
+    weight_decay = _check_nonnegative("weight_decay", weight_decay)
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"mask_mode must be 'grad' or 'update', got {mask_mode!r}")
+    names = ["grads", "grads_nat", "grads_adv", "params", "momentum_buffers"]
+    lists: list[object] = [grads, grads_nat, grads_adv, params, momentum_buffers]
+    if revision is not None:
+        names.append("revision")
+        lists.append(revision)
+    checked = check_tensor_lists(names, lists)
+    grs, gns, gas, prms, bufs = checked[:5]
+    revs = checked[5] if revision is not None else []
+    for name, tensors in (("momentum_buffers", bufs), ("revision", revs)):
+        for i, t in enumerate(tensors):
+            if t.requires_grad:
+                raise ValueError(f"{name}[{i}] requires grad; it must be a plain state tensor")
+    name = _resolve(backend, grs[0].device if grs else torch.device("cpu"))
+    if not grs:
+        return MaskStats(*_mask_stats_like(grs))
+    op = torch.ops.cure.rgp_sgd_step_triton if name == "triton" else torch.ops.cure.rgp_sgd_step_reference
+    with torch.no_grad():
+        out = op(prms, grs, gns, gas, bufs, revs, lr, momentum, weight_decay, alpha, p, mask_mode, decay)
+    return MaskStats(*out)
