@@ -1,0 +1,219 @@
+"""Natural and robust accuracy of a model under the attacks the paper reports.
+
+    res = evaluate(model, images, labels, spec=DATASETS["cifar10"], attacks=("nat", "pgd20", "aa"),
+                   device="cuda")
+    res  # {"nat": 86.1, "pgd20": 54.3, "aa": 49.2}  (percent)
+    nrr(res["nat"], res["pgd20"])
+
+Attacks (all L-inf, radius ``eps``, default the dataset's usual one, 8/255 for CIFAR and SVHN):
+
+* ``nat``: no attack.
+* ``pgd20`` / ``pgd100``: PGD on the cross-entropy, 20 / 100 steps of size eps/4 (2/255 at 8/255), from a
+  uniform random start in the ball.
+* ``cw``: PGD-30 on the C&W margin loss max_{j != y} z_j - z_y, step size eps/4, random start.
+* ``aa``: AutoAttack, version 'standard' (APGD-CE, APGD-T, FAB-T, Square; Croce & Hein 2020), run with
+  the original authors' code (PyPI package ``pyautoattack``), norm 'Linf'.
+
+The PGD-type attacks run batch by batch with counts kept on the device (one host read at the end). The
+random starts come from a generator seeded with ``seed``, so results are reproducible. AutoAttack
+seeds the global generators itself; the global RNG state is saved before and restored after it, so an
+evaluation does not perturb the caller's random stream.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from cure.attacks import pgd
+from cure.data import DatasetSpec
+
+__all__ = ["ATTACKS", "PGD_STEPS", "CW_STEPS", "AA_CHUNK_BATCHES", "nrr", "evaluate"]
+
+ATTACKS = ("nat", "pgd20", "pgd100", "cw", "aa")
+PGD_STEPS = {"pgd20": 20, "pgd100": 100}
+CW_STEPS = 30
+#: AutoAttack runs on chunks of this many evaluation batches (one progress-bar tick per chunk); inside a
+#: chunk it re-packs the still-robust samples into full batches after each of its attacks.
+AA_CHUNK_BATCHES = 8
+
+
+def nrr(nat: float, rob: float) -> float:
+    """Natural-robustness ratio, the harmonic mean NRR = 2 Nat Rob / (Nat + Rob); 0 when both are 0."""
+    if nat + rob == 0:
+        return 0.0
+    return 2.0 * nat * rob / (nat + rob)
+
+
+def _to_unit(images: Tensor, device: torch.device, channels_last: bool) -> Tensor:
+    x = images.to(device, non_blocking=True)
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _uses_channels_last(model: nn.Module) -> bool:
+    """True when the model's first 4-d parameter (a conv weight) is stored channels_last."""
+    for p in model.parameters():
+        if p.dim() == 4:
+            return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+    return False
+
+
+def _autoattack(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    eps: float,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    channels_last: bool,
+    progress: bool,
+) -> Tensor:
+    """Number of samples (a device tensor) AutoAttack 'standard' (L-inf, ``eps``) fails to flip."""
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError as exc:  # pragma: no cover - installed with the "train" extra
+        raise ImportError(
+            "the 'aa' attack needs the original AutoAttack code: pip install pyautoattack"
+        ) from exc
+
+    adversary = AutoAttack(model, norm="Linf", eps=float(eps), version="standard", seed=seed, device=device)
+    chunk = batch_size * AA_CHUNK_BATCHES
+    robust = torch.zeros((), dtype=torch.int64, device=device)
+    devices = [device] if device.type == "cuda" else []
+    n = len(labels)
+    with (
+        torch.random.fork_rng(devices=devices),
+        tqdm(total=n, desc="eval aa", unit="img", disable=not progress, leave=False, file=sys.stderr) as bar,
+    ):
+        for lo in range(0, n, chunk):
+            x = _to_unit(images[lo : lo + chunk], device, channels_last)
+            y = labels[lo : lo + chunk].to(device, dtype=torch.int64)
+            # y_adv: the model's prediction on the returned points (clean prediction where AA gave up).
+            _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+            robust += (y_adv == y).sum()
+            bar.update(len(y))
+    return robust
+
+
+def evaluate(
+    model: nn.Module,
+    images_uint8: Tensor,
+    labels: Tensor,
+    *,
+    spec: DatasetSpec,
+    attacks: Sequence[str],
+    batch_size: int = 256,
+    device: torch.device | str,
+    eps: float | None = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Accuracy in percent of ``model`` on (images, labels) under each of ``attacks``.
+
+    Args:
+        model: inputs in [0, 1] -> logits; put in eval mode for the evaluation (its previous mode is
+            restored at the end).
+        images_uint8: (N, C, H, W) uint8 images (float images in [0, 1] are accepted too), any device.
+        labels: (N,) int64.
+        spec: the dataset (its ``eps`` is the default radius).
+        attacks: names from :data:`ATTACKS`: "nat", "pgd20", "pgd100" (PGD-20/100 on CE, step eps/4,
+            random start), "cw" (PGD-30 on the C&W margin, step eps/4, random start), "aa" (AutoAttack
+            standard, L-inf).
+        batch_size: images per forward/attack batch.
+        device: where the model lives and the attacks run.
+        eps: L-inf radius; default ``spec.eps``.
+        progress: show a tqdm bar.
+        seed: seeds the PGD random starts and AutoAttack.
+
+    Returns:
+        {attack: accuracy in percent} in the order of ``attacks``.
+    """
+    attacks = tuple(attacks)
+    for name in attacks:
+        if name not in ATTACKS:
+            raise ValueError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
+    if len(set(attacks)) != len(attacks):
+        raise ValueError(f"attacks lists a name twice: {attacks}")
+    if images_uint8.dim() != 4 or images_uint8.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"images must be (N, C, H, W) with one label each; got images {tuple(images_uint8.shape)} "
+            f"and labels {tuple(labels.shape)}"
+        )
+    if tuple(images_uint8.shape[1:]) != tuple(spec.shape):
+        raise ValueError(
+            f"images have shape {tuple(images_uint8.shape[1:])} but {spec.name} expects {spec.shape}"
+        )
+    n = int(labels.shape[0])
+    if n == 0:
+        raise ValueError("evaluate needs at least one image, got 0")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    eps = float(spec.eps if eps is None else eps)
+    if not 0 <= eps <= 1:
+        raise ValueError(f"eps must lie in [0, 1], got {eps}")
+    step_size = eps / 4
+    device = torch.device(device)
+    channels_last = _uses_channels_last(model)
+
+    was_training = model.training
+    model.eval()
+    try:
+        correct = {name: torch.zeros((), dtype=torch.int64, device=device) for name in attacks}
+        batched = [name for name in attacks if name != "aa"]
+        if batched:
+            generator = torch.Generator(device=device).manual_seed(seed)
+            n_batches = -(-n // batch_size)
+            desc = "eval " + ",".join(batched)
+            for lo in tqdm(
+                range(0, n, batch_size),
+                total=n_batches,
+                desc=desc,
+                disable=not progress,
+                leave=False,
+                file=sys.stderr,
+            ):
+                x = _to_unit(images_uint8[lo : lo + batch_size], device, channels_last)
+                y = labels[lo : lo + batch_size].to(device, dtype=torch.int64)
+                for name in batched:
+                    if name == "nat":
+                        x_eval = x
+                    else:
+                        x_eval = pgd(
+                            model,
+                            x,
+                            y,
+                            eps=eps,
+                            step_size=step_size,
+                            steps=CW_STEPS if name == "cw" else PGD_STEPS[name],
+                            norm="linf",
+                            loss="cw" if name == "cw" else "ce",
+                            random_start=True,
+                            generator=generator,
+                        )
+                    with torch.no_grad():
+                        correct[name] += (model(x_eval).argmax(dim=1) == y).sum()
+        if "aa" in attacks:
+            correct["aa"] = _autoattack(
+                model,
+                images_uint8,
+                labels,
+                eps=eps,
+                batch_size=batch_size,
+                device=device,
+                seed=seed,
+                channels_last=channels_last,
+                progress=progress,
+            )
+        counts = torch.stack([correct[name] for name in attacks]).tolist()  # the one host read
+    finally:
+        model.train(was_training)
+    return {name: 100.0 * count / n for name, count in zip(attacks, counts)}
