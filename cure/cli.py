@@ -170,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from cure.checkpoint import CheckpointError
     from cure.config import ConfigError, resolve_config
+    from cure.data import DatasetCorruptError, DatasetNotFoundError
     from cure.train import TrainingError, prepare_output_dir, resume_config, train
 
     explicit = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG and v is not None}
@@ -178,7 +180,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.resume:
             if args.overwrite:
                 raise ConfigError("--resume and --overwrite contradict each other; pick one")
-            prepare_output_dir(args.out, resume=True, overwrite=False)
+            prepare_output_dir(args.out, resume=True, overwrite=False)  # checks only
             cfg = resume_config(args.out, explicit)
         else:
             cfg = resolve_config(explicit, preset=args.preset if args.preset is not None else "auto")
@@ -186,14 +188,22 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 raise ConfigError(
                     f"--init {cfg.init} does not exist (expected DIR/last.pt of `cure train --method st`)"
                 )
-            prepare_output_dir(args.out, resume=False, overwrite=args.overwrite)
-    except (ConfigError, OSError) as exc:
-        parser.error(str(exc))
-    try:
-        train(cfg, args.out, resume=args.resume, overwrite=False)
+            occupied = args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir()))
+            if occupied and not args.overwrite:
+                raise ConfigError(
+                    f"--out {args.out} already exists and is not empty; add --resume to continue that run "
+                    f"or --overwrite to replace it"
+                )
     except ConfigError as exc:
         parser.error(str(exc))
-    except TrainingError as exc:
+    except CheckpointError as exc:
+        print(f"cure train: error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    except (TrainingError, CheckpointError, DatasetNotFoundError, DatasetCorruptError) as exc:
         print(f"cure train: error: {exc}", file=sys.stderr)
         return 1
     return 0

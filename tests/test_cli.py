@@ -89,6 +89,10 @@ def test_existing_output_needs_resume_or_overwrite(tmp_path, capsys):
     assert code == 2 and "last.pt" in err
     code, err = _exit_code(["train", "--out", str(out), "--resume", "--overwrite"], capsys)
     assert code == 2 and "contradict" in err
+    (out / "notes.txt").write_text("not ours")
+    assert main(["train", "--method", "st", "--out", str(out), "--overwrite", *FAST]) == 0
+    assert (out / "notes.txt").read_text() == "not ours" and (out / "summary.json").is_file()
+    assert json.loads((out / "config.json").read_text())["method"] == "st"
 
 
 def test_train_eval_and_resume_through_the_command_line(tmp_path, capsys):
