@@ -50,7 +50,8 @@ def margin_loss(logits: Tensor, y: Tensor) -> Tensor:
     """C&W margin per sample: max_{j != y} z_j - z_y (positive iff the sample is misclassified), float32."""
     z = logits.float()
     z_true = z.gather(1, y[:, None]).squeeze(1)
-    z_other = z.masked_fill(F.one_hot(y, z.shape[1]).bool(), float("-inf")).amax(dim=1)
+    # scatter rather than one_hot: one_hot validates the labels with a host read on some devices.
+    z_other = z.scatter(1, y[:, None], float("-inf")).amax(dim=1)
     return z_other - z_true
 
 
