@@ -196,7 +196,13 @@ def _load_fashion_mnist(root: str | None, train: bool, download: bool) -> tuple[
                 "download=True needs a data root to download Fashion-MNIST into (--data-root DIR)"
             )
         torchvision = _import_torchvision("fashion-mnist")
-        torchvision.datasets.FashionMNIST(str(root), train=train, download=True)
+        try:
+            torchvision.datasets.FashionMNIST(str(root), train=train, download=True)
+        except (OSError, RuntimeError) as exc:  # no network, refused connection, bad checksum
+            raise DatasetNotFoundError(
+                f"downloading Fashion-MNIST into {root} failed ({exc}); without internet access install "
+                f"Debian's package instead: `apt-get install dataset-fashion-mnist`"
+            ) from exc
     image_stem, label_stem = _FMNIST_FILES[train]
     dirs = _fashion_mnist_dirs(root)
     for directory in dirs:
@@ -287,6 +293,11 @@ def _load_torchvision(name: str, root: str | None, train: bool, download: bool) 
             f"{name}: torchvision refused the files under {root_path} ({exc}); files whose MD5 checksum "
             f"does not match the published archive: {', '.join(bad) or 'none found'}. Delete them and "
             f"download again with {get}"
+        ) from exc
+    except OSError as exc:  # only the download touches the network; a plain load raises RuntimeError
+        raise DatasetNotFoundError(
+            f"{name}: downloading the {split} split into {root_path} failed ({exc}); copy torchvision's "
+            f"files there from a machine with internet access (e.g. after running {get} there)"
         ) from exc
     if name == "svhn":
         images = torch.from_numpy(np.ascontiguousarray(ds.data))  # already (N, 3, 32, 32)

@@ -415,3 +415,20 @@ def test_loader_keeps_data_on_gpu_and_matches_cpu():
         cpu.epoch(torch.Generator().manual_seed(0)), gpu.epoch(torch.Generator().manual_seed(0))
     ):
         assert xb.is_cuda and torch.equal(xa, xb.cpu()) and torch.equal(ya, yb.cpu())
+
+
+def test_download_only_when_asked_and_failure_is_clear(tmp_path, monkeypatch):
+    torchvision = pytest.importorskip("torchvision")
+    calls = []
+
+    def offline(self):
+        calls.append(type(self).__name__)
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
+    with pytest.raises(FileNotFoundError, match="--download"):
+        load_split("cifar10", str(tmp_path), train=True)
+    assert calls == []  # no download attempt without download=True
+    with pytest.raises(DatasetNotFoundError, match="network is unreachable") as info:
+        load_split("cifar10", str(tmp_path), train=True, download=True)
+    assert calls == ["CIFAR10"] and str(tmp_path) in str(info.value)
