@@ -105,6 +105,7 @@ class StepContext:
         return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.amp)
 
     def zero_grad(self) -> None:
+        """Clear the update gradients before a step's backward passes."""
         if self.masker is not None:
             self.masker.zero_grad()  # keeps every .grad a view of the masker's flat buffer
         else:
@@ -116,7 +117,7 @@ class StepResult:
     """Device tensors describing one step (read by the trainer only every ``log_every`` steps)."""
 
     loss: Tensor  # the minimised loss (float32 scalar, detached)
-    correct_nat: Tensor  # correct predictions on x (for at: on x_adv's natural counterpart is not computed)
+    correct_nat: Tensor  # correct predictions on x (0 for at, which has no natural forward pass)
     correct_adv: Tensor  # correct predictions on x_adv (0 for st)
     skipped: Tensor  # bool scalar: the update was not applied (non-finite loss or scores)
     kept_fraction: Tensor  # fraction of gradient entries the mask kept (1 without masking)

@@ -105,7 +105,7 @@ class TrainingError(RuntimeError):
 # ------------------------------------------------------------------------------------------------
 # Small helpers
 def select_device(name: str) -> torch.device:
-    """ "auto" -> CUDA when available, else CPU; "cuda" without a GPU is an error."""
+    """The device for ``name``: "auto" is CUDA when available, else CPU; "cuda" without a GPU is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -297,9 +297,7 @@ class _Trainer:
         self.attack_generator = self.ctx.attack_generator
         self.revision_generator = self.ctx.revision_generator
         self.lr_factor = _lr_factor(cfg, self.steps_per_epoch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, self.lr_factor
-        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
 
         # Loop state (all of it goes into checkpoints).
         self.epoch = 0  # epoch being trained (0-based)
@@ -400,7 +398,7 @@ class _Trainer:
 
     # --- stages ----------------------------------------------------------------------------------
     def stage(self, epoch: int) -> str:
-        """ "natural" during the CURE-Eff warm-up epochs, else the configured method."""
+        """The step of ``epoch``: "st" during the CURE-Eff warm-up epochs, else the configured method."""
         return "st" if epoch < self.cfg.warmup_epochs else self.cfg.method
 
     def _revision_rate(self, epoch: int) -> float:
@@ -509,13 +507,15 @@ class _Trainer:
         cfg = self.cfg
         sums = self._sync(None, None)
         stage = self.stage(self.epoch)
+        images = max(self.epoch_images, 1)
         row: dict[str, Any] = {
             "epoch": self.epoch + 1,
             "stage": stage,
             "lr": cfg.lr * self.lr_factor(self.step - 1),  # the lr of the epoch's last step
             "train_loss": sums["loss"] / max(self.epoch_steps, 1),
-            "train_nat_acc": 100.0 * sums["correct_nat"] / max(self.epoch_images, 1),
-            "train_adv_acc": 100.0 * sums["correct_adv"] / max(self.epoch_images, 1),
+            # ST steps see no adversarial examples and AT steps no natural forward pass: not measured.
+            "train_nat_acc": None if stage == "at" else 100.0 * sums["correct_nat"] / images,
+            "train_adv_acc": None if stage == "st" else 100.0 * sums["correct_adv"] / images,
             "kept_fraction": sums["kept_fraction"] / max(self.epoch_steps, 1),
             "skipped_steps": int(sums["skipped"]),
             "nonfinite_scores": int(sums["nonfinite"]),
@@ -591,11 +591,13 @@ def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 def _epoch_line(row: dict[str, Any], epochs: int) -> str:
+    def pct(value) -> str:
+        return "-" if value is None else f"{value:.1f}%"
+
     line = (
         f"epoch {row['epoch']}/{epochs} [{row['stage']}] loss {row['train_loss']:.4f} "
-        f"train nat {row['train_nat_acc']:.1f}% adv {row['train_adv_acc']:.1f}% "
-        f"| val nat {row['val_nat_acc']:.2f} "
-        f"pgd20 {row['val_pgd20_acc']:.2f} nrr {row['val_nrr']:.2f}"
+        f"train nat {pct(row['train_nat_acc'])} adv {pct(row['train_adv_acc'])} "
+        f"| val nat {row['val_nat_acc']:.2f} pgd20 {row['val_pgd20_acc']:.2f} nrr {row['val_nrr']:.2f}"
     )
     if "rev_val_nat_acc" in row:
         line += (

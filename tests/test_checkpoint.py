@@ -28,11 +28,11 @@ TINY = dict(
     epochs=1,
     batch_size=32,
     train_samples=64,
-    val_size=32,
-    eval_samples=32,
+    val_size=16,
+    eval_samples=16,
     attack_steps=1,
     progress=False,
-    kernel_backend="reference",
+    kernel_backend="auto",
     device="cpu",
 )
 

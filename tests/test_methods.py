@@ -24,7 +24,7 @@ def _config(**kw) -> TrainConfig:
         method="cure",
         dataset="fashion-mnist",
         arch="cnn",
-        lr=0.05,
+        lr=0.01,
         weight_decay=5e-4,
         attack_steps=2,
         eps=0.1,
@@ -33,7 +33,7 @@ def _config(**kw) -> TrainConfig:
         p=0.3,
         gamma=1.0,
         beta=1.0,
-        kernel_backend="reference",
+        kernel_backend="auto",
     )
     base.update(kw)
     return TrainConfig(**base).validate()
@@ -359,3 +359,15 @@ def test_non_finite_step_is_skipped_on_the_device(method):
     result = STEP_FUNCTIONS[method](ctx, *_batch(seed=5))
     assert not bool(result.skipped)
     assert any(not torch.equal(q.detach(), old) for q, old in zip(params, before))
+
+
+@pytest.mark.parametrize("method", ["trades", "cure"])
+def test_bfloat16_autocast_step_keeps_float32_losses(method):
+    ctx = _context(_config(method=method, amp=True))
+    x, y = _batch()
+    before = _params(ctx.module)
+    result = STEP_FUNCTIONS[method](ctx, x, y)
+    assert result.loss.dtype == torch.float32 and torch.isfinite(result.loss)
+    assert not bool(result.skipped)
+    assert all(q.dtype == torch.float32 for q in ctx.module.parameters())
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, ctx.module.parameters()))

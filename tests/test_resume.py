@@ -22,14 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(
     dataset="fashion-mnist",
     arch="cnn",
-    epochs=3,
+    epochs=2,
     batch_size=32,
     train_samples=160,
-    val_size=32,
-    eval_samples=32,
+    val_size=16,
+    eval_samples=16,
     attack_steps=2,
     progress=False,
-    kernel_backend="reference",
+    kernel_backend="auto",
     device="cpu",
     revision_rate=0.5,
 )
@@ -98,42 +98,12 @@ def test_resume_from_a_corrupt_checkpoint_names_the_file(tmp_path):
 
 
 def _cli(out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "cure",
-        "train",
-        "--method",
-        "cure",
-        "--dataset",
-        "fashion-mnist",
-        "--arch",
-        "cnn",
-        "--epochs",
-        "3",
-        "--batch-size",
-        "32",
-        "--train-samples",
-        "320",
-        "--val-size",
-        "32",
-        "--eval-samples",
-        "32",
-        "--attack-steps",
-        "2",
-        "--revision-rate",
-        "0.5",
-        "--kernel-backend",
-        "reference",
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--checkpoint-every",
-        "3",
-        "--out",
-        str(out),
-        *extra,
-    ]
+    options = (
+        "--method cure --dataset fashion-mnist --arch cnn --epochs 2 --batch-size 32 --train-samples 320 "
+        "--val-size 16 --eval-samples 16 --attack-steps 2 --revision-rate 0.5 --device cpu --no-progress "
+        "--checkpoint-every 3"
+    ).split()
+    return [sys.executable, "-m", "cure", "train", *options, "--out", str(out), *extra]
 
 
 @pytest.mark.slow

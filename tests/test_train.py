@@ -18,12 +18,12 @@ TINY = dict(
     epochs=2,
     batch_size=32,
     train_samples=128,
-    val_size=48,
-    eval_samples=48,
+    val_size=16,
+    eval_samples=16,
     attack_steps=2,
     lr=0.05,
     progress=False,
-    kernel_backend="reference",
+    kernel_backend="auto",
     device="cpu",
 )
 
@@ -67,7 +67,7 @@ def test_each_method_writes_a_complete_run_directory(tmp_path, method, capsys):
         "delta_pgd20_acc",
     ):
         assert key in on_disk, key
-    assert on_disk["method"] == method and on_disk["test_images"] == 48
+    assert on_disk["method"] == method and on_disk["test_images"] == 16
     assert 0 <= on_disk["nat_acc"] <= 100 and 0 <= on_disk["pgd20_acc"] <= 100
     # NRR is the harmonic mean of natural and PGD-20 accuracy, in percent.
     nat, rob = on_disk["nat_acc"], on_disk["pgd20_acc"]
@@ -175,3 +175,36 @@ def test_piecewise_and_cosine_schedules(tmp_path):
     steps = 128 // 32  # per epoch; the column holds the lr of each epoch's last step
     assert lrs[0] == pytest.approx(0.05 * (1 + math.cos(math.pi * (steps - 1) / (2 * steps))))
     assert lrs[1] == pytest.approx(0.05 * (1 + math.cos(math.pi * (2 * steps - 1) / (2 * steps))))
+
+
+def test_cw_evaluation_and_its_nrr_in_the_summary(tmp_path):
+    summary = train(
+        tiny(method="st", epochs=1, eval_attacks=("nat", "pgd20", "cw")), tmp_path / "cw", echo=False
+    )
+    assert {"cw_acc", "nrr_cw", "best_cw_acc", "last_cw_acc", "delta_cw_acc"} <= set(summary)
+    assert summary["nrr_cw"] == pytest.approx(nrr(summary["nat_acc"], summary["cw_acc"]))
+    assert "C&W" in results_table(summary)
+
+
+def test_late_decay_of_the_revision_rate(tmp_path):
+    cfg = tiny(method="cure", revision_rate=1.0, revision_rate_decay_epoch=1, revision_rate_decay_factor=0.0)
+    train(cfg, tmp_path / "r", echo=False)
+    rows = _rows(tmp_path / "r" / "metrics.csv")
+    assert [int(r["revision_updates"]) for r in rows] == [128 // 32, 0]
+
+
+def test_out_of_memory_suggests_a_smaller_batch(tmp_path, monkeypatch):
+    import cure.train as train_module
+
+    def oom(ctx, x, y):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setitem(train_module.STEP_FUNCTIONS, "st", oom)
+    with pytest.raises(TrainingError, match="--batch-size 16"):
+        train(tiny(method="st", epochs=1), tmp_path / "oom", echo=False)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains(tmp_path):
+    summary = train(tiny(method="cure", epochs=1, compile=True), tmp_path / "compiled", echo=False)
+    assert summary["epochs"] == 1 and 0 <= summary["pgd20_acc"] <= 100
