@@ -161,9 +161,10 @@ def main() -> None:
           "hit rate at +-5 % and +-20 %")
     for i, name in enumerate(names):
         changes = sorted(rel_change[i])
-        med = changes[len(changes) // 2] if changes else float("nan")
-        p90 = changes[int(0.9 * (len(changes) - 1))] if changes else float("nan")
-        print(f"  {name:28s} n={sizes[i]:7d}  zero {zero_thr[i]:3d}  median {med:.4f}  p90 {p90:.4f}  "
+        med = changes[(len(changes) - 1) // 2] if changes else float("nan")
+        p90 = changes[max(math.ceil(0.9 * len(changes)) - 1, 0)] if changes else float("nan")
+        print(f"  {name:28s} n={sizes[i]:7d}  zero {zero_thr[i]:3d}  changes {len(changes):3d}  median {med:.4f}  "
+              f"p90 {p90:.4f}  "
               f"hit5 {hits[0.05][i] / pairs:.2f}  hit20 {hits[0.2][i] / pairs:.2f}")
     path = write_csv("bracket_hit_rate.csv", rows)
     print(f"wrote {path}")
