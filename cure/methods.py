@@ -28,8 +28,12 @@ Faults without host synchronisation: every step computes a device flag ``bad`` (
 or the mask saw NaN/inf scores). The optimizer is ``torch.optim.SGD(fused=True)``, whose kernel reads the
 ``found_inf`` tensor on the device and leaves parameters and momentum untouched when it is set, so a bad
 step is skipped without the host ever looking at the flag; the model's buffers (BatchNorm statistics)
-are restored with ``where(bad, old, new)`` for the same reason. The trainer reads the counts every
-``log_every`` steps.
+are restored with ``where(bad, old, new)`` for the same reason. The revision draw and update of a
+skipped step still happen (towards the unchanged weights), which keeps t and the random stream
+independent of faults. The trainer reads the counts every ``log_every`` steps.
+
+The revision model gives its consistency targets in eval mode, and its BatchNorm statistics follow the
+same EMA as its weights (see :mod:`cure.revision` for why; the official code keeps it in train mode).
 """
 
 from __future__ import annotations
