@@ -396,6 +396,14 @@ class BatchLoader:
     epoch is a function of the generator state alone, so ``epoch(g, start_batch=k)`` with g in the state
     it had at the start of the epoch yields exactly batches k, k + 1, ... of the uninterrupted epoch.
     No worker processes: everything is a tensor op on the device.
+
+    Sharding (data-parallel training): with ``world_size`` W > 1, ``batch_size`` B is the global batch and
+    rank r receives samples r * B/W .. (r + 1) * B/W - 1 of every global batch. Every rank draws the same
+    permutation and augmentation from the same generator (all ranks pass generators in the same state), so
+    the shards are disjoint, their union is the global batch of the single-process run, the permutation is
+    redrawn every epoch (the generator is per epoch) and resume stays exact. B must be a multiple of W,
+    and the last incomplete global batch is split into near-equal parts (rank r gets the elements
+    ``r::W`` of it) when ``drop_last`` is off.
     """
 
     def __init__(
@@ -408,8 +416,14 @@ class BatchLoader:
         augment: str,
         device: torch.device | str,
         drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         total = _check_pair(images, labels)
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an integer in [0, {world_size}), got {rank!r}")
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(
                 f"images must be uint8 of shape (N, C, H, W), got {images.dtype} "
@@ -417,6 +431,10 @@ class BatchLoader:
             )
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if batch_size % world_size != 0:
+            raise ValueError(
+                f"batch_size {batch_size} (the global batch) must be a multiple of the world size {world_size}"
+            )
         if augment not in AUGMENTATIONS:
             raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
         self.device = torch.device(device)
@@ -427,6 +445,7 @@ class BatchLoader:
         self.shuffle = bool(shuffle)
         self.augment = augment
         self.drop_last = bool(drop_last)
+        self.rank, self.world_size = rank, world_size
         _, _, height, width = self.images.shape
         self._rows = torch.arange(height, device=self.device)
         self._cols = torch.arange(width, device=self.device)
@@ -472,7 +491,16 @@ class BatchLoader:
         perm, offsets, flips = self._draws(generator)
         for k in range(start_batch, len(self)):
             lo, hi = k * self.batch_size, min((k + 1) * self.batch_size, self.num_samples)
-            index = slice(lo, hi) if perm is None else perm[lo:hi]  # a slice needs no gather
+            if self.world_size > 1:  # this rank's shard of the global batch
+                if hi - lo == self.batch_size:
+                    shard = self.batch_size // self.world_size
+                    lo, hi = lo + self.rank * shard, lo + (self.rank + 1) * shard
+                    index = slice(lo, hi) if perm is None else perm[lo:hi]
+                else:
+                    rows = torch.arange(lo + self.rank, hi, self.world_size, device=self.device)
+                    index = rows if perm is None else perm[rows]
+            else:
+                index = slice(lo, hi) if perm is None else perm[lo:hi]  # a slice needs no gather
             batch = self.images[index]
             if offsets is not None:
                 batch = self._augment(batch, offsets[index], None if flips is None else flips[index])

@@ -48,6 +48,7 @@ from torch.nn import functional as F
 
 from cure.attacks import pgd, trades_pgd
 from cure.config import TrainConfig
+from cure.distributed import DistributedContext, all_reduce_mean_
 from cure.revision import RevisionModel
 from cure_kernels import MaskStats, ProminenceMasker
 
@@ -97,6 +98,7 @@ class StepContext:
     amp: bool = False
     cure_step: int = 0  # t: steps taken in the CURE stage so far
     revision_rate: float = 0.2  # current r (the trainer lowers it late in training if configured)
+    dist: DistributedContext = field(default_factory=DistributedContext)  # world size 1: no collectives
     _param_numel: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -153,6 +155,33 @@ def _apply_update(ctx: StepContext, bad: Tensor, buffers_before: list[Tensor]) -
             buf.copy_(torch.where(bad, old, buf))
 
 
+def _reduce(ctx: StepContext, loss: Tensor, captured: bool = False) -> Tensor:
+    """Data-parallel runs: average over the ranks, in one packed collective per dtype, the update
+    gradients (plus the natural and adversarial ones when ``captured``), the model's floating-point
+    buffers (BatchNorm statistics) and the loss; return the (averaged) detached loss.
+
+    Called after the step's last backward pass and before masking, so the mask, the skip decision and
+    the SGD step are computed from identical values on every rank (see :mod:`cure.distributed`).
+    A no-op for world size 1.
+    """
+    loss = loss.detach().float().reshape(1).clone() if ctx.dist.enabled else loss.detach()
+    if not ctx.dist.enabled:
+        return loss
+    masker = ctx.masker
+    if masker is not None:
+        kinds = ("nat", "adv", "update") if captured else ("update",)
+        tensors = [b for kind in kinds for b in masker.buffers[kind].values()]
+        # A .grad that autograd replaced (not our view) would be missed by the flat buffers.
+        tensors += [q.grad for q, v in zip(masker.params, masker.updates)
+                    if q.grad is not None and q.grad.data_ptr() != v.data_ptr()]
+    else:
+        tensors = [q.grad for q in ctx.module.parameters() if q.grad is not None]
+    tensors += [b for b in ctx.module.buffers() if b.is_floating_point()]
+    tensors.append(loss)
+    all_reduce_mean_(tensors, ctx.dist)
+    return loss.reshape(())
+
+
 def _zero(ctx: StepContext) -> Tensor:
     return torch.zeros((), device=ctx.found_inf.device)
 
@@ -165,10 +194,11 @@ def natural_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
         logits = ctx.model(x)
     loss = F.cross_entropy(logits.float(), y)
     loss.backward()
+    loss = _reduce(ctx, loss)
     bad = ~torch.isfinite(loss)
     _apply_update(ctx, bad, buffers)
     zero = _zero(ctx)
-    return StepResult(loss.detach(), _correct(logits, y), zero, bad, zero + 1, zero)
+    return StepResult(loss, _correct(logits, y), zero, bad, zero + 1, zero)
 
 
 def madry_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
@@ -192,11 +222,12 @@ def madry_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
         logits_adv = ctx.model(x_adv)
     loss = F.cross_entropy(logits_adv.float(), y)
     loss.backward()
+    loss = _reduce(ctx, loss)
     bad = ~torch.isfinite(loss)
     _apply_update(ctx, bad, buffers)
     zero = _zero(ctx)
     # Natural accuracy is not computed during AT steps (it would cost a forward pass); 0 is reported.
-    return StepResult(loss.detach(), zero, _correct(logits_adv, y), bad, zero + 1, zero)
+    return StepResult(loss, zero, _correct(logits_adv, y), bad, zero + 1, zero)
 
 
 def trades_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
@@ -218,10 +249,11 @@ def trades_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
         logits_adv = ctx.model(x_adv)
     loss = F.cross_entropy(logits_nat.float(), y) + cfg.beta * kl_divergence(logits_nat, logits_adv)
     loss.backward()
+    loss = _reduce(ctx, loss)
     bad = ~torch.isfinite(loss)
     _apply_update(ctx, bad, buffers)
     zero = _zero(ctx)
-    return StepResult(loss.detach(), _correct(logits_nat, y), _correct(logits_adv, y), bad, zero + 1, zero)
+    return StepResult(loss, _correct(logits_nat, y), _correct(logits_adv, y), bad, zero + 1, zero)
 
 
 @contextlib.contextmanager
@@ -286,6 +318,8 @@ def cure_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
         with masker.capture("adv"):
             loss_rob.backward(retain_graph=True)
     loss.backward()
+    # Data-parallel: one packed all-reduce of the three gradients, the BatchNorm buffers and the loss.
+    loss = _reduce(ctx, loss, captured=masker is not None)
     bad = ~torch.isfinite(loss)
     # 4. Conserve: zero the least prominent fraction p of dL/dw in every tensor.
     if masker is not None:
@@ -311,7 +345,7 @@ def cure_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
         kept_fraction = _zero(ctx) + 1
         nonfinite = _zero(ctx)
     return StepResult(
-        loss.detach(),
+        loss,
         _correct(logits_nat, y),
         _correct(logits_adv, y),
         bad,
@@ -330,6 +364,7 @@ def build_step_context(
     step_size: float,
     attack_seed: int,
     revision_seed: int,
+    dist: DistributedContext | None = None,
 ) -> StepContext:
     """The optimizer, masker, revision model and generators of a run around ``module`` (on its device).
 
@@ -372,6 +407,7 @@ def build_step_context(
         revision_forward=revision_forward,
         amp=cfg.amp,
         revision_rate=cfg.revision_rate,
+        dist=DistributedContext() if dist is None else dist,
     )
 
 

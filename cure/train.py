@@ -18,6 +18,16 @@ device and are read every ``log_every`` steps (progress bar, TensorBoard, the sk
 Learning rate: "piecewise" multiplies lr by ``lr_decay`` at each milestone epoch (default 50 % and 75 %
 of the epochs, the official code's 100 and 150 of 200); "cosine" anneals it to 0 over all steps; the
 factor is a pure function of the optimizer step (``LambdaLR`` stepped once per batch).
+
+Data-parallel runs (``torchrun --nproc_per_node N -m cure train ...``, see :mod:`cure.distributed`):
+``batch_size`` stays the global batch, each rank trains on its shard of it, the step averages gradients,
+BatchNorm buffers and the loss over the ranks, and every rank ends each step with identical weights.
+Rank 0 alone writes ``config.json``, ``metrics.csv``, TensorBoard and checkpoints; a checkpoint is read
+by rank 0 and broadcast, so all ranks resume from the same state. Each rank draws its attack noise from
+a generator reseeded every step from (seed, rank, step), so a resumed run repeats the noise without
+per-rank generator states in the checkpoint (world size 1 keeps the single attack generator of the
+checkpoint). Validation and test evaluation are sharded (rank r evaluates images r, r + W, ...) and the
+correct counts summed.
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ from cure.checkpoint import (
     restore_rng,
 )
 from cure.config import RESUMABLE_OVERRIDES, ConfigError, TrainConfig
+from cure.distributed import DistributedContext, all_reduce_sum_, broadcast_object
 from cure.evaluation import nrr
 from cure.methods import STEP_FUNCTIONS, StepResult, build_step_context
 
@@ -210,26 +221,48 @@ def _evaluate(
     attacks,
     device: torch.device,
     progress: bool = False,
+    dist: DistributedContext | None = None,
 ) -> dict[str, float]:
+    """Accuracies in percent. Data-parallel: rank r evaluates images r, r + W, r + 2W, ... (its PGD random
+    starts seeded by (seed, r)), and the correct counts are summed over the ranks."""
     from cure.evaluation import evaluate
 
+    dist = DistributedContext() if dist is None else dist
+    seed = cfg.seed
+    if dist.enabled:
+        images, labels = images[dist.rank :: dist.world_size], labels[dist.rank :: dist.world_size]
+        seed = derived_seed(cfg.seed, "eval", dist.rank)
+        progress = progress and dist.is_main
     was_training = module.training
     module.eval()
     try:
-        return evaluate(
-            module,
-            images,
-            labels,
-            spec=spec,
-            attacks=tuple(attacks),
-            batch_size=cfg.eval_batch_size,
-            device=device,
-            eps=eps,
-            progress=progress,
-            seed=cfg.seed,
-        )
+        if len(labels) == 0:  # more ranks than images: this rank contributes nothing
+            res = dict.fromkeys(attacks, 0.0)
+        else:
+            res = evaluate(
+                module,
+                images,
+                labels,
+                spec=spec,
+                attacks=tuple(attacks),
+                batch_size=cfg.eval_batch_size,
+                device=device,
+                eps=eps,
+                progress=progress,
+                seed=seed,
+            )
     finally:
         module.train(was_training)
+    if not dist.enabled:
+        return res
+    # percent -> counts (exact integers: count = round(percent * n / 100)), summed over the ranks.
+    n = len(labels)
+    counts = torch.tensor(
+        [round(res[name] * n / 100.0) for name in res] + [n], dtype=torch.float64, device=device
+    )
+    all_reduce_sum_([counts], dist)
+    total = counts[-1].item()
+    return {name: 100.0 * c / total for name, c in zip(res, counts[:-1].tolist())}
 
 
 def _accuracy_fields(res: dict[str, float], prefix: str = "") -> dict[str, float]:
@@ -246,12 +279,23 @@ def _accuracy_fields(res: dict[str, float], prefix: str = "") -> dict[str, float
 class _Trainer:
     """Owns every piece of state of one run; :func:`train` drives it."""
 
-    def __init__(self, cfg: TrainConfig, out: Path, *, resume_state: dict | None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        out: Path,
+        *,
+        resume_state: dict | None,
+        dist: DistributedContext | None = None,
+        sync_bn: bool = False,
+    ):
         from cure.data import DATASETS, BatchLoader
         from cure.models import build_model
 
         self.cfg, self.out = cfg, out
+        self.dist = DistributedContext() if dist is None else dist
         self.device = select_device(cfg.device)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.spec = DATASETS[cfg.dataset]
         self.eps = float(cfg.eps if cfg.eps is not None else self.spec.eps)
         self.step_size = float(cfg.step_size if cfg.step_size is not None else self.spec.step_size)
@@ -268,12 +312,20 @@ class _Trainer:
             augment=self.spec.augment,
             device=self.device,
             drop_last=True,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
         self.steps_per_epoch = len(self.loader)
 
         module = build_model(cfg.arch, self.spec)
         if cfg.init is not None and resume_state is None:
             self._load_init(module, cfg.init)
+        if sync_bn and self.dist.enabled:
+            if self.device.type != "cuda":
+                raise ConfigError(
+                    "--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU implementation); drop it on CPU"
+                )
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
         module.to(self.device)
         self.channels_last = (
             cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"
@@ -291,6 +343,7 @@ class _Trainer:
             step_size=self.step_size,
             attack_seed=derived_seed(cfg.seed, "attack"),
             revision_seed=derived_seed(cfg.seed, "revision"),
+            dist=self.dist,
         )
         self.optimizer = self.ctx.optimizer
         self.revision = self.ctx.revision
@@ -310,6 +363,19 @@ class _Trainer:
         self._reset_epoch_sums()
         if resume_state is not None:
             self._restore(resume_state)
+        self._broadcast_weights()
+
+    def _broadcast_weights(self) -> None:
+        """Data-parallel: every rank starts from rank 0's weights and buffers (they agree already when
+        built from the same seed or checkpoint; this makes it a guarantee)."""
+        if not self.dist.enabled:
+            return
+        from torch import distributed
+
+        modules = [self.module] + ([self.revision.module] if self.revision is not None else [])
+        for m in modules:
+            for t in list(m.parameters()) + list(m.buffers()):
+                distributed.broadcast(t.data, src=0)
 
     # --- initial weights -------------------------------------------------------------------------
     def _load_init(self, module: nn.Module, path: str) -> None:
@@ -333,6 +399,23 @@ class _Trainer:
         self.epoch_seconds = 0.0
         self.reported_skipped = 0
 
+    def _global_sums(self) -> Tensor:
+        """The epoch sums over all ranks (a collective in data-parallel runs: call it on every rank).
+
+        Loss, skips, kept fraction and non-finite counts are identical on every rank (computed from
+        reduced values) and are averaged; the correct-prediction counts are per shard and are summed.
+        """
+        if not self.dist.enabled:
+            return self.sums
+        weights = torch.tensor(
+            [1.0 if f.startswith("correct") else 1.0 / self.dist.world_size for f in _SUM_FIELDS],
+            dtype=self.sums.dtype,
+            device=self.sums.device,
+        )
+        total = self.sums * weights
+        all_reduce_sum_([total], self.dist)
+        return total
+
     def state_dict(self) -> dict[str, Any]:
         generators = {"attack": self.attack_generator, "revision": self.revision_generator}
         return {
@@ -351,7 +434,7 @@ class _Trainer:
             },
             "rng": capture_rng(generators),
             "trainer": {
-                "sums": self.sums.cpu(),
+                "sums": self._global_sums().cpu(),
                 "consecutive_skipped": int(self.consecutive_skipped),
                 "max_consecutive_skipped": int(self.max_consecutive_skipped),
                 "epoch_images": self.epoch_images,
@@ -364,6 +447,7 @@ class _Trainer:
                 "total_skipped": self.total_skipped,
                 "train_seconds": self.train_seconds,
             },
+            "distributed": {"world_size": self.dist.world_size},
             "environment": {
                 "torch": str(torch.__version__),
                 "python": platform.python_version(),
@@ -385,6 +469,19 @@ class _Trainer:
         restore_rng(state["rng"], {"attack": self.attack_generator, "revision": self.revision_generator})
         tr = state["trainer"]
         self.sums = tr["sums"].to(self.device)
+        if self.dist.enabled and not self.dist.is_main:  # the saved counts are global: rank 0 carries them
+            for i, f in enumerate(_SUM_FIELDS):
+                if f.startswith("correct"):
+                    self.sums[i] = 0
+        saved_world = int(state.get("distributed", {}).get("world_size", 1))
+        if saved_world != self.dist.world_size and self.dist.is_main:
+            warnings.warn(
+                f"resuming a run saved with world size {saved_world} on world size {self.dist.world_size}: "
+                f"the global batch and the data order are the same, but the attack noise differs from an "
+                f"uninterrupted run",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self.consecutive_skipped.fill_(int(tr["consecutive_skipped"]))
         self.max_consecutive_skipped.fill_(int(tr["max_consecutive_skipped"]))
         self.epoch_images, self.epoch_steps = int(tr["epoch_images"]), int(tr["epoch_steps"])
@@ -394,7 +491,10 @@ class _Trainer:
         self.total_skipped, self.train_seconds = int(tr["total_skipped"]), float(tr["train_seconds"])
 
     def save(self, name: str) -> None:
-        atomic_save(self.state_dict(), self.out / name)
+        """Write a checkpoint (rank 0 only; every rank must call it, the epoch sums are reduced)."""
+        state = self.state_dict()
+        if self.dist.is_main:
+            atomic_save(state, self.out / name)
 
     # --- stages ----------------------------------------------------------------------------------
     def stage(self, epoch: int) -> str:
@@ -425,7 +525,7 @@ class _Trainer:
 
     def _sync(self, bar, writer) -> dict[str, float]:
         """Read the device counters (the only host synchronisation of the loop) and act on them."""
-        sums = dict(zip(_SUM_FIELDS, self.sums.tolist()))
+        sums = dict(zip(_SUM_FIELDS, self._global_sums().tolist()))
         worst = int(self.max_consecutive_skipped)
         skipped = int(sums["skipped"])
         if skipped > self.reported_skipped:
@@ -469,7 +569,7 @@ class _Trainer:
             total=self.steps_per_epoch,
             initial=self.batch,
             desc=f"epoch {self.epoch + 1}/{cfg.epochs} [{stage}]",
-            disable=not cfg.progress,
+            disable=not (cfg.progress and self.dist.is_main),
             leave=False,
             dynamic_ncols=True,
             file=sys.stderr,
@@ -479,13 +579,15 @@ class _Trainer:
             for x, y in self.loader.epoch(generator, start_batch=self.batch):
                 if self.channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
+                if self.dist.enabled:  # per-rank attack noise, a function of (seed, rank, step)
+                    self.attack_generator.manual_seed(derived_seed(cfg.seed, "attack", self.dist.rank, self.step))
                 result = step_fn(self.ctx, x, y)
                 self.scheduler.step()
                 self._record(result)
                 self.batch += 1
                 self.step += 1
                 self.epoch_steps += 1
-                self.epoch_images += len(y)
+                self.epoch_images += len(y) * self.dist.world_size
                 self.epoch_revisions += int(result.revised)
                 bar.update(1)
                 if self.step % cfg.log_every == 0:
@@ -530,6 +632,7 @@ class _Trainer:
             eps=self.eps,
             attacks=("nat", "pgd20"),
             device=self.device,
+            dist=self.dist,
         )
         row.update(
             {
@@ -548,6 +651,7 @@ class _Trainer:
                 eps=self.eps,
                 attacks=("nat", "pgd20"),
                 device=self.device,
+                dist=self.dist,
             )
             row.update(
                 {
@@ -560,7 +664,7 @@ class _Trainer:
         self.total_skipped += int(sums["skipped"])
         self.train_seconds += self.epoch_seconds
         self.history.append(row)
-        if writer is not None:
+        if writer is not None and self.dist.is_main:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "epoch":
                     writer.add_scalar(f"epoch/{key}", value, row["epoch"])
@@ -574,7 +678,8 @@ class _Trainer:
         self.epoch += 1
         self.batch = 0
         self._reset_epoch_sums()
-        _write_metrics(self.out / "metrics.csv", self.history)
+        if self.dist.is_main:
+            _write_metrics(self.out / "metrics.csv", self.history)
         self.save("last.pt")
         if improved:
             self.save("best.pt")
@@ -624,6 +729,7 @@ def _final_evaluation(trainer: _Trainer) -> dict[str, Any]:
         attacks=attacks,
         device=trainer.device,
         progress=cfg.progress,
+        dist=trainer.dist,
     )
     results: dict[str, Any] = {}
     results["last"] = _evaluate(trainer.module, data.test_x, data.test_y, **kw)
@@ -635,7 +741,7 @@ def _final_evaluation(trainer: _Trainer) -> dict[str, Any]:
         if trainer.revision is not None:
             results["rev_best"] = results["rev_last"]
     else:
-        state = load_checkpoint(trainer.out / "best.pt", map_location=trainer.device)
+        state = _load_on_rank0(trainer.out / "best.pt", trainer.dist)
         model = build_model(cfg.arch, DATASETS[cfg.dataset]).to(trainer.device)
         model.load_state_dict(state["model"])
         results["best"] = _evaluate(model, data.test_x, data.test_y, **kw)
@@ -643,6 +749,13 @@ def _final_evaluation(trainer: _Trainer) -> dict[str, Any]:
             model.load_state_dict(state["revision"]["module"])
             results["rev_best"] = _evaluate(model, data.test_x, data.test_y, **kw)
     return results
+
+
+def _load_on_rank0(path: Path, dist: DistributedContext) -> dict[str, Any]:
+    """The checkpoint at ``path`` read by rank 0 and broadcast (no shared file system needed)."""
+    if not dist.enabled:
+        return load_checkpoint(path)
+    return broadcast_object(load_checkpoint(path) if dist.is_main else None, dist)
 
 
 def _summary(trainer: _Trainer, results: dict[str, Any]) -> dict[str, Any]:
@@ -774,6 +887,7 @@ def train(
     overwrite: bool = False,
     stop_after_step: int | None = None,
     echo: bool = True,
+    sync_bn: bool = False,
 ) -> dict[str, Any] | None:
     """Train (or resume) a run in ``out`` and return its summary.
 
@@ -785,16 +899,43 @@ def train(
         overwrite: replace the outputs of an earlier run in ``out``.
         stop_after_step: stop after this many optimizer steps, right after saving ``last.pt`` (as if the
             process had been killed then); returns None. For tests of exact resume.
-        echo: print per-epoch lines and the final table to stdout.
+        echo: print per-epoch lines and the final table to stdout (rank 0 only).
+        sync_bn: data-parallel runs on CUDA: convert BatchNorm layers to ``SyncBatchNorm`` (batch
+            statistics over the global batch). Not part of the saved configuration: pass it again on resume.
+
+    Data-parallel: when started by ``torchrun`` (WORLD_SIZE > 1) the process group is created here
+    (NCCL on CUDA, gloo on CPU) and destroyed at the end; rank 0 prepares ``out`` and writes every file.
     """
+    from cure import distributed
+
     out = Path(out)
-    prepare_output_dir(out, resume=resume, overwrite=overwrite)
+    if cfg is None and not resume:
+        raise ConfigError("a configuration is needed for a new run")
+    created = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    device = cfg.device if cfg is not None else "auto"
+    if cfg is None and (out / "config.json").is_file():  # resume: the saved device picks the backend
+        device = json.loads((out / "config.json").read_text()).get("device", "auto")
+    dist = distributed.setup(device)
+    try:
+        return _train(cfg, out, resume, overwrite, stop_after_step, echo and dist.is_main, sync_bn, dist)
+    finally:
+        distributed.teardown(dist, created=created)
+
+
+def _train(cfg, out, resume, overwrite, stop_after_step, echo, sync_bn, dist: DistributedContext):
+    error = None
+    if dist.is_main:  # rank 0 checks and prepares the directory; the others learn whether that worked
+        try:
+            prepare_output_dir(out, resume=resume, overwrite=overwrite)
+        except ConfigError as exc:
+            error = str(exc)
+    error = broadcast_object(error, dist)
+    if error is not None:
+        raise ConfigError(error)
     state = None
     if resume:
-        state = load_checkpoint(out / "last.pt")
+        state = broadcast_object(load_checkpoint(out / "last.pt") if dist.is_main else None, dist)
         cfg = resume_config(out, None if cfg is None else cfg.to_dict(), state=state)
-    elif cfg is None:
-        raise ConfigError("a configuration is needed for a new run")
     else:
         cfg.validate()
     select_device(cfg.device)
@@ -803,13 +944,18 @@ def train(
             f"--init {cfg.init} does not exist (expected a checkpoint such as DIR/last.pt of "
             f"`cure train --method st`)"
         )
-    atomic_write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", out / "config.json")
+    if dist.is_main:
+        atomic_write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", out / "config.json")
 
     try:
-        trainer = _Trainer(cfg, out, resume_state=state)
-        from torch.utils.tensorboard import SummaryWriter
+        trainer = _Trainer(cfg, out, resume_state=state, dist=dist, sync_bn=sync_bn)
+        writer = None
+        if dist.is_main:
+            from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=trainer.step if resume else None)
+            writer = SummaryWriter(
+                log_dir=str(out / "tensorboard"), purge_step=trainer.step if resume else None
+            )
         try:
             if echo:
                 print(
@@ -817,6 +963,7 @@ def train(
                     f"{len(trainer.data.train_y)} training "
                     f"images, {trainer.steps_per_epoch} steps/epoch, {cfg.epochs} epochs, device "
                     f"{trainer.device}"
+                    + (f", {dist.world_size} processes" if dist.enabled else "")
                     + (f", resuming at epoch {trainer.epoch + 1} batch {trainer.batch}" if resume else ""),
                     flush=True,
                 )
@@ -832,7 +979,8 @@ def train(
                     return None
             results = _final_evaluation(trainer)
         finally:
-            writer.close()
+            if writer is not None:
+                writer.close()
     except torch.cuda.OutOfMemoryError as exc:
         raise TrainingError(
             f"CUDA ran out of memory with --batch-size {cfg.batch_size} ({cfg.arch}, "
@@ -840,7 +988,8 @@ def train(
             f"{max(cfg.batch_size // 2, 1)}, or --amp"
         ) from exc
     summary = _summary(trainer, results)
-    atomic_write_text(json.dumps(summary, indent=2) + "\n", out / "summary.json")
+    if dist.is_main:
+        atomic_write_text(json.dumps(summary, indent=2) + "\n", out / "summary.json")
     if echo:
         print(results_table(summary), flush=True)
     return summary
