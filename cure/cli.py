@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,12 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="continue the run in --out exactly where last.pt stopped"
     )
     g.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out")
+    g.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="data-parallel runs (torchrun) on CUDA: BatchNorm statistics over the global batch "
+        "(SyncBatchNorm); not saved in the run's configuration, pass it again with --resume",
+    )
     g.add_argument(
         "--preset",
         default=None,
@@ -135,7 +142,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-epochs", type=int, help="CURE-Eff: natural training for the first N of --epochs")
 
 
-_NOT_CONFIG = {"command", "subparser", "out", "resume", "overwrite", "preset"}
+_NOT_CONFIG = {"command", "subparser", "out", "resume", "overwrite", "preset", "sync_bn"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,7 +195,9 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 raise ConfigError(
                     f"--init {cfg.init} does not exist (expected DIR/last.pt of `cure train --method st`)"
                 )
-            occupied = args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir()))
+            # Under torchrun only rank 0 checks: it may already have written config.json when others look.
+            later_rank = int(os.environ.get("RANK", "0") or 0) > 0
+            occupied = not later_rank and args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir()))
             if occupied and not args.overwrite:
                 raise ConfigError(
                     f"--out {args.out} already exists and is not empty; add --resume to continue that run "
@@ -200,7 +209,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"cure train: error: {exc}", file=sys.stderr)
         return 1
     try:
-        train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+        train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, sync_bn=args.sync_bn)
     except ConfigError as exc:
         parser.error(str(exc))
     except (TrainingError, CheckpointError, DatasetNotFoundError, DatasetCorruptError) as exc:

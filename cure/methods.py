@@ -32,6 +32,13 @@ are restored with ``where(bad, old, new)`` for the same reason. The revision dra
 skipped step still happen (towards the unchanged weights), which keeps t and the random stream
 independent of faults. The trainer reads the counts every ``log_every`` steps.
 
+Data-parallel runs (``ctx.dist.world_size`` > 1, see :mod:`cure.distributed`): the attack and every
+forward and backward pass run on the unwrapped module, locally on the rank's shard; after the last
+backward pass one packed all-reduce per dtype averages the natural, adversarial and update gradients,
+the BatchNorm buffers and the loss, so the skip decision, the masks (computed from the averaged
+gradients) and the SGD step are the same on every rank. The revision draw comes from a CPU generator
+seeded identically on every rank.
+
 The revision model gives its consistency targets in eval mode, and its BatchNorm statistics follow the
 same EMA as its weights (see :mod:`cure.revision` for why; the official code keeps it in train mode).
 """

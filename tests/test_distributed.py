@@ -238,6 +238,14 @@ def test_loader_shards_are_disjoint_and_cover_the_global_batch() -> None:
             ys = torch.cat([parts[r][k][1] for r in range(WORLD)])
             assert torch.equal(ys, y) and torch.equal(xs, x)
             assert len(parts[0][k][1]) == 4
+    # an incomplete last global batch (44 = 5 * 8 + 4) is split between the ranks
+    ragged = [BatchLoader(_images(44, 9)[0], torch.arange(44), batch_size=8,
+                          shuffle=True, augment="none", device="cpu", rank=r, world_size=WORLD)
+              for r in range(WORLD)]
+    tails = [list(s.epoch(torch.Generator().manual_seed(3)))[-1][1] for s in ragged]
+    assert [len(t) for t in tails] == [2, 2]
+    seen = torch.cat([y for s in ragged for _, y in s.epoch(torch.Generator().manual_seed(3))])
+    assert torch.equal(seen.sort().values, torch.arange(44))
     first = [y for _, y in whole.epoch(torch.Generator().manual_seed(0))]
     second = [y for _, y in whole.epoch(torch.Generator().manual_seed(1))]
     assert not torch.equal(torch.cat(first), torch.cat(second))  # reshuffled per epoch
