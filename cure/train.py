@@ -39,6 +39,7 @@ import json
 import math
 import platform
 import shutil
+import statistics
 import sys
 import time
 import warnings
@@ -762,6 +763,7 @@ def _summary(trainer: _Trainer, results: dict[str, Any]) -> dict[str, Any]:
     cfg = trainer.cfg
     last_epoch, best_epoch = len(trainer.history), trainer.best["epoch"]
     images = cfg.epochs * trainer.steps_per_epoch * cfg.batch_size
+    kept = [row["kept_fraction"] for row in trainer.history if row["stage"] == "cure" and cfg.uses_mask]
     summary: dict[str, Any] = {
         "method": cfg.method,
         "dataset": cfg.dataset,
@@ -785,6 +787,8 @@ def _summary(trainer: _Trainer, results: dict[str, Any]) -> dict[str, Any]:
         "train_seconds": trainer.train_seconds,
         "train_images_per_second": images / trainer.train_seconds if trainer.train_seconds > 0 else None,
         "selection": "validation nat acc" if cfg.method == "st" else "validation pgd20 acc",
+        # Mean fraction of gradient entries the RGP mask let through in the CURE epochs (1: no masking).
+        "mean_kept_fraction": statistics.fmean(kept) if kept else 1.0,
         "last_epoch": last_epoch,
         "best_epoch": best_epoch,
     }

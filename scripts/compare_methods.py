@@ -8,13 +8,15 @@ epochs on the same training subset, from that checkpoint, with the same seed, le
 threat model (L-inf eps 0.1, K = 10 training attack steps). The ST row continues natural training for the
 same budget. Model selection uses the validation split held out of the training set; the numbers in the
 table are test accuracies of the last epoch (best-epoch PGD-20 and the difference are listed too).
-Writes a markdown table to results/fashion_mnist_comparison.md (and the run directories to --runs).
+Writes a markdown table to results/fashion_mnist_comparison.md (and the run directories to --runs);
+``--table-only`` re-renders the table from existing run directories.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 import subprocess
 import time
@@ -49,20 +51,12 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "compare_methods")
-    parser.add_argument("--output", type=Path, default=ROOT / "results" / "fashion_mnist_comparison.md")
-    parser.add_argument("--pretrain-epochs", type=int, default=2)
-    parser.add_argument("--pretrain-samples", type=int, default=20000)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--train-samples", type=int, default=4096)
-    parser.add_argument("--val-size", type=int, default=500)
-    parser.add_argument("--eval-samples", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args()
+def _run_dir(runs: Path, name: str) -> Path:
+    return runs / name.split(" (")[0].lower().replace(" ", "_")
 
+
+def run(args: argparse.Namespace) -> None:
+    """Train the shared ST checkpoint and every variant; record how the comparison was run."""
     common = {
         "dataset": "fashion-mnist",
         "arch": "cnn",
@@ -73,74 +67,108 @@ def main() -> None:
         "progress": False,
     }
     started = time.time()
-    print(
-        f"== natural pre-training: {args.pretrain_epochs} epochs on {args.pretrain_samples} images ==",
-        flush=True,
-    )
-    pre = train(
-        resolve_config(
-            {**common, "method": "st", "epochs": args.pretrain_epochs, "train_samples": args.pretrain_samples}
-        ),
-        args.runs / "pretrain_st",
-        overwrite=True,
-    )
+    print(f"== natural pre-training: {args.pretrain_epochs} epochs on {args.pretrain_samples} images ==")
+    pre_cfg = {
+        **common,
+        "method": "st",
+        "epochs": args.pretrain_epochs,
+        "train_samples": args.pretrain_samples,
+    }
+    train(resolve_config(pre_cfg), args.runs / "pretrain_st", overwrite=True)
     init = str(args.runs / "pretrain_st" / "last.pt")
-    rows = []
     for name, variant in VARIANTS:
-        print(
-            f"\n== {name}: {args.epochs} epochs on {args.train_samples} images from the ST checkpoint ==",
-            flush=True,
-        )
-        cfg = resolve_config(
-            {**common, **variant, "epochs": args.epochs, "train_samples": args.train_samples, "init": init}
-        )
-        out = args.runs / name.split(" (")[0].lower().replace(" ", "_")
-        t0 = time.time()
-        summary = train(cfg, out, overwrite=True)
-        rows.append((name, cfg, summary, time.time() - t0))
-    total = time.time() - started
+        print(f"\n== {name}: {args.epochs} epochs on {args.train_samples} images from the ST checkpoint ==")
+        cfg = {**common, **variant, "epochs": args.epochs, "train_samples": args.train_samples, "init": init}
+        train(resolve_config(cfg), _run_dir(args.runs, name), overwrite=True)
+    record = {
+        "date": datetime.date.today().isoformat(),
+        "git": _git_sha(),
+        "torch": str(torch.__version__),
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "minutes": (time.time() - started) / 60,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
+    (args.runs / "comparison.json").write_text(json.dumps(record, indent=2) + "\n")
 
-    cfg0 = rows[-1][1]
+
+def render(runs: Path) -> str:
+    """The markdown table, from the run directories and comparison.json alone."""
+    record = json.loads((runs / "comparison.json").read_text())
+    a = record["args"]
+    pre = json.loads((runs / "pretrain_st" / "summary.json").read_text())
+    summaries = [
+        (name, json.loads((_run_dir(runs, name) / "summary.json").read_text())) for name, _ in VARIANTS
+    ]
+    cfg = json.loads((_run_dir(runs, "CURE") / "config.json").read_text())
+    test_images = summaries[-1][1]["test_images"]
     lines = [
         "# Fashion-MNIST: ST, AT, TRADES, CURE and CURE's ablations (CPU, equal budget)",
         "",
-        f"Generated by `scripts/compare_methods.py` on {datetime.date.today().isoformat()} "
-        f"(git {_git_sha()}, torch {torch.__version__}, Python {platform.python_version()}, "
-        f"{torch.get_num_threads()} CPU threads); the whole comparison took {total / 60:.1f} minutes.",
+        f"Generated by `scripts/compare_methods.py` on {record['date']} (git {record['git']}, torch "
+        f"{record['torch']}, Python {record['python']}, {record['cpu_threads']} CPU thread(s)); the whole "
+        f"comparison took {record['minutes']:.1f} minutes.",
         "",
-        f"Protocol: a shared natural pre-training (small CNN, {args.pretrain_epochs} epochs on "
-        f"{args.pretrain_samples} training images; test Nat {pre['nat_acc']:.2f} %, "
-        f"PGD-20 {pre['pgd20_acc']:.2f} %), then every method trains {args.epochs} epochs on the same "
-        f"{args.train_samples} training images from that checkpoint with seed {args.seed}: SGD lr {cfg0.lr} "
-        f"(momentum {cfg0.momentum}, weight decay {cfg0.weight_decay}, {cfg0.lr_schedule} schedule), "
-        f"batch {cfg0.batch_size}, L-inf eps {cfg0.eps}, {cfg0.attack_steps} attack steps of "
-        f"{cfg0.step_size}; TRADES/CURE beta {cfg0.beta}; CURE p {cfg0.p}, alpha {cfg0.alpha}, "
-        f"gamma {cfg0.gamma}, r {cfg0.revision_rate}, d {cfg0.revision_decay}, mask mode '{cfg0.mask_mode}'.",
+        f"Protocol: a shared natural pre-training (small CNN, {a['pretrain_epochs']} epochs on "
+        f"{a['pretrain_samples']} training images; test Nat {pre['nat_acc']:.2f} %, "
+        f"PGD-20 {pre['pgd20_acc']:.2f} %), then every method trains {a['epochs']} epochs on the same "
+        f"{a['train_samples']} training images from that checkpoint with seed {a['seed']}: "
+        f"SGD lr {cfg['lr']} "
+        f"(momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}, {cfg['lr_schedule']} schedule), "
+        f"batch {cfg['batch_size']}, L-inf eps {cfg['eps']}, {cfg['attack_steps']} attack steps of "
+        f"{cfg['step_size']}; TRADES/CURE beta {cfg['beta']}; CURE p {cfg['p']}, alpha {cfg['alpha']}, "
+        f"gamma {cfg['gamma']}, r {cfg['revision_rate']}, d {cfg['revision_decay']}, mask mode "
+        f"'{cfg['mask_mode']}'.",
         "",
-        f"Test accuracies in % on {rows[-1][2]['test_images']} test images at the last epoch; PGD-20: L-inf "
-        f"eps {cfg0.eps}, 20 steps of eps/4, random start; NRR = 2 Nat Rob / (Nat + Rob) with Rob = PGD-20. "
-        f"'best' is the epoch with the highest validation PGD-20 ({args.val_size} held-out training images).",
+        f"Test accuracies in % on {test_images} test images at the last epoch; "
+        f"PGD-20: L-inf eps {cfg['eps']}, "
+        f"20 steps of eps/4, random start; NRR = 2 Nat Rob / (Nat + Rob) with Rob = PGD-20. 'best' is the "
+        f"epoch with the highest validation PGD-20 ({a['val_size']} images held out of the training split; "
+        f"for ST the highest validation Nat). 'kept' is the mean fraction of gradient entries the RGP mask "
+        f"let through (entries tied with a zero threshold are kept, so it exceeds 1 - p when more than a "
+        f"fraction p of a tensor's scores are exactly 0). Train time is wall-clock on a shared machine, not "
+        f"a speed comparison (see scripts/time_step.py for that).",
         "",
         "| method | Nat | PGD-20 | NRR | best epoch | PGD-20 best - last | revision Nat | revision PGD-20 "
-        "| revision NRR | train time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| revision NRR | kept | train time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, _, s, _seconds in rows:
+    for name, s in summaries:
+        kept = s.get("mean_kept_fraction")
         lines.append(
-            f"| {name} | {_fmt(s['nat_acc'])} | {_fmt(s['pgd20_acc'])} | {_fmt(s['nrr'])} | "
-            f"{s['best_epoch']} | "
-            f"{s['delta_pgd20_acc']:+.2f} | {_fmt(s.get('rev_nat_acc'))} | {_fmt(s.get('rev_pgd20_acc'))} | "
-            f"{_fmt(s.get('rev_nrr'))} | {s['train_seconds']:.0f} |"
+            f"| {name} | {_fmt(s['nat_acc'])} | {_fmt(s['pgd20_acc'])} | {_fmt(s['nrr'])} "
+            f"| {s['best_epoch']} "
+            f"| {s['delta_pgd20_acc']:+.2f} | {_fmt(s.get('rev_nat_acc'))} | {_fmt(s.get('rev_pgd20_acc'))} "
+            f"| {_fmt(s.get('rev_nrr'))} | {'-' if kept is None else f'{100 * kept:.1f} %'} "
+            f"| {s['train_seconds']:.0f} |"
         )
-    lines += [
-        "",
-        "Run directories (metrics.csv, summary.json, TensorBoard events): "
-        f"`{args.runs.relative_to(ROOT) if args.runs.is_relative_to(ROOT) else args.runs}`.",
-        "",
-    ]
+    shown = runs.relative_to(ROOT) if runs.is_relative_to(ROOT) else runs
+    lines += ["", f"Run directories (metrics.csv, summary.json, TensorBoard events): `{shown}`.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "compare_methods")
+    parser.add_argument("--output", type=Path, default=ROOT / "results" / "fashion_mnist_comparison.md")
+    parser.add_argument(
+        "--table-only", action="store_true", help="re-render the table from --runs; no training"
+    )
+    parser.add_argument("--pretrain-epochs", type=int, default=2)
+    parser.add_argument("--pretrain-samples", type=int, default=20000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--train-samples", type=int, default=4096)
+    parser.add_argument("--val-size", type=int, default=500)
+    parser.add_argument("--eval-samples", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    if not args.table_only:
+        run(args)
+    table = render(args.runs)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines))
-    print("\n" + "\n".join(lines))
+    args.output.write_text(table)
+    print("\n" + table)
     print(f"written to {args.output}")
 
 
