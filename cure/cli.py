@@ -197,7 +197,8 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 )
             # Under torchrun only rank 0 checks: it may already have written config.json when others look.
             later_rank = int(os.environ.get("RANK", "0") or 0) > 0
-            occupied = not later_rank and args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir()))
+            occupied = args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir()))
+            occupied = occupied and not later_rank
             if occupied and not args.overwrite:
                 raise ConfigError(
                     f"--out {args.out} already exists and is not empty; add --resume to continue that run "
