@@ -581,7 +581,8 @@ class _Trainer:
                 if self.channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
                 if self.dist.enabled:  # per-rank attack noise, a function of (seed, rank, step)
-                    self.attack_generator.manual_seed(derived_seed(cfg.seed, "attack", self.dist.rank, self.step))
+                    seed = derived_seed(cfg.seed, "attack", self.dist.rank, self.step)
+                    self.attack_generator.manual_seed(seed)
                 result = step_fn(self.ctx, x, y)
                 self.scheduler.step()
                 self._record(result)
