@@ -40,7 +40,8 @@ def make_case(kind: str, n: int, gen: torch.Generator) -> tuple[torch.Tensor, to
         a[torch.rand(n, generator=gen) < 0.1] = math.inf
         b[torch.rand(n, generator=gen) < 0.1] = -math.inf
     elif kind == "nan":
-        a[torch.randint(0, n, (max(1, n // 50),), generator=gen)] = math.nan
+        if n:  # an empty tensor has no entry to poison
+            a[torch.randint(0, n, (max(1, n // 50),), generator=gen)] = math.nan
     else:
         raise ValueError(kind)
     return a, b
