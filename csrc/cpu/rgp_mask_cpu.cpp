@@ -1,42 +1,59 @@
 // CPU kernel of cure::rgp_mask: exact per-tensor p-quantile masking of the update by Robust
 // Gradient Prominence (paper Eq. 6), bit for bit equal to numpy.quantile (SPEC section 2).
 //
-// Selection works on the uint32 bit patterns of the float32 scores. Scores are >= 0 (or NaN), so
-// their bits are ordered like their values; a NaN anywhere makes the threshold NaN and skips
-// selection, so the order of NaN keys never matters. No sort of the data:
-//   small tensors (< kSmallTensor elements): one thread per tensor; keys in a thread-local buffer,
-//     std::nth_element for rank k, a min over the upper part for rank k+1, then the mask pass.
-//   large tensors: all threads on one tensor.
-//     pass 1  s = score, cached in a scratch buffer; per-thread histograms of the high 16 key bits.
-//     pass 2  if ranks k and k+1 fall in different bins, they are the max of the first bin and the
-//             min of the second; otherwise a histogram of the low 16 bits inside the shared bin.
-//     pass 3  update[s < thr] = 0, counting kept entries.
-// Memory moved per element of a large tensor: 8 B (grads) + 4 B (scores) in pass 1, 4 B in
-// pass 2, 4 B + 2x the update's element size in pass 3.
+// Selection works on the uint32 bit patterns ("keys") of the float32 scores. Scores are >= +0 or
+// NaN, so the keys of non-NaN scores are ordered like their values; a NaN anywhere makes the
+// threshold NaN and skips selection, so NaN keys never need an order. No sort of the data.
+//
+// One tensor, one thread (the common case):
+//   pass 1  s = score, cached as keys in a thread-local buffer; histogram of key bits 30..19
+//           (4096 bins, 16 KiB: stays in L1).
+//   select  ranks k and k+1 (numpy's linear interpolation needs both). When they fall in different
+//           bins they are the largest key of the first bin and the smallest of the second: one scan
+//           of the cached keys. Otherwise the keys of the shared bin are compacted into a small buffer
+//           and refined there by the next digits (bits 18..7, then 6..0), or by nth_element once few
+//           are left. Heavy ties (e.g. 30 % exact zeros) shrink through the digits, never re-read n.
+//   pass 2  update[s < thr] = 0, reading the cached keys, counting kept entries.
+//   Memory per element: 8 B of gradients read, 4 B of keys written, 4-8 B of keys read, and the
+//   update read and written once; the keys of a 2.4 M-element tensor stay in the L3 cache.
+// Scheduling: tensors are handed to threads largest first, no barrier between tensors. A tensor
+// larger than its fair share of the total (n * threads > total) would leave the other threads
+// idle, so it is split: all threads run pass 1 on slices with their own histograms, the shared bin
+// is compacted slice by slice into one buffer, and pass 2 runs in parallel again.
+// Tensors below kDirect elements skip the histogram: nth_element on a copy of the keys.
 //
 // Compiled with -ffp-contract=off: the score and threshold arithmetic must not fuse into FMAs.
-// Threads come from OpenMP (#pragma omp): the work splits unevenly (many tiny tensors next to a
-// few large ones), which dynamic scheduling over tensors handles directly.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <omp.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <mutex>
+#include <numeric>
 #include <tuple>
 #include <vector>
 
 namespace cure {
 namespace {
 
-constexpr int64_t kSmallTensor = int64_t{1} << 17;  // below: nth_element in one thread
-constexpr int kBits = 16;
-constexpr int kBins = 1 << kBits;
-constexpr uint32_t kLowMask = kBins - 1;
+constexpr int64_t kDirect = 4096;           // below: nth_element on a copy of the keys
+constexpr int64_t kSplitMin = 1 << 18;      // never split a tensor smaller than this over threads
+constexpr int64_t kRefineDirect = 2048;     // compacted candidates below this: nth_element
+constexpr int64_t kMaxElements = (int64_t{1} << 32) - 1;  // per tensor: uint32 histogram counts
+
+// Three digits of a non-NaN key, most significant first (bit 31, the sign, is always 0).
+constexpr int kDigits = 3;
+constexpr int kShift[kDigits] = {19, 7, 0};
+constexpr uint32_t kDigitMask[kDigits] = {0xFFF, 0xFFF, 0x7F};
+constexpr int kBins = 4096;
+using Histogram = std::array<uint32_t, kBins>;
+
+inline uint32_t digit(uint32_t key, int level) { return (key >> kShift[level]) & kDigitMask[level]; }
 
 inline uint32_t key_of(float x) {
   uint32_t u;
@@ -50,6 +67,9 @@ inline float float_of(uint32_t u) {
   return x;
 }
 
+inline bool key_is_nan(uint32_t key) { return (key & 0x7FFFFFFFu) > 0x7F800000u; }
+inline bool key_is_nonfinite(uint32_t key) { return (key & 0x7F800000u) == 0x7F800000u; }
+
 struct Weights {
   float nat;  // f32(alpha)
   float adv;  // f32(1 - alpha), 1 - alpha computed in double
@@ -57,9 +77,9 @@ struct Weights {
 
 // s = f32(alpha)*|g_nat| + f32(1-alpha)*|g_adv|, each product and the sum rounded to float.
 template <typename T>
-inline float score(const T* nat, const T* adv, int64_t i, Weights w) {
-  const float x = w.nat * std::fabs(static_cast<float>(nat[i]));
-  const float y = w.adv * std::fabs(static_cast<float>(adv[i]));
+inline float score(T nat, T adv, Weights w) {
+  const float x = w.nat * std::fabs(static_cast<float>(nat));
+  const float y = w.adv * std::fabs(static_cast<float>(adv));
   return x + y;
 }
 
@@ -79,17 +99,13 @@ Interpolation interpolation(int64_t n, double p) {
   return {ki, ki + 1, g};
 }
 
-// numpy's _lerp in float32 with a float32 weight; NaN and inf propagate exactly as in numpy.
+// numpy's _lerp in float32 with a float32 weight; inf propagates exactly as in numpy.
 float threshold_from(uint32_t lo_key, uint32_t hi_key, double g) {
   const float a = float_of(lo_key);
   const float b = float_of(hi_key);
   const float d = b - a;
-  if (g < 0.5) {
-    const float step = d * static_cast<float>(g);
-    return a + step;
-  }
-  const float step = d * static_cast<float>(1.0 - g);
-  return b - step;
+  if (g < 0.5) return a + d * static_cast<float>(g);
+  return b - d * static_cast<float>(1.0 - g);
 }
 
 struct TensorResult {
@@ -98,160 +114,248 @@ struct TensorResult {
   int64_t nonfinite = 0;
 };
 
-// The three tensors of one entry, contiguous (copies where the caller's were not).
 struct Entry {
-  at::Tensor update, nat, adv;
+  at::Tensor update, nat, adv;  // contiguous (copies where the caller's were not)
   int64_t n;
 };
 
-template <typename T>
-int64_t apply_mask(T* update, const T* nat, const T* adv, int64_t begin, int64_t end, Weights w, float thr) {
-  int64_t kept = 0;
-  for (int64_t i = begin; i < end; ++i) {
-    if (score(nat, adv, i, w) < thr) {
-      update[i] = T(0);
-    } else {
-      ++kept;
-    }
-  }
-  return kept;
-}
+// --- selection ------------------------------------------------------------------------------------
 
-template <typename T>
-TensorResult mask_small(const Entry& e, Weights w, double p) {
-  TensorResult r;
-  const int64_t n = e.n;
-  if (n == 0) return r;
-  T* update = e.update.data_ptr<T>();
-  const T* nat = e.nat.data_ptr<T>();
-  const T* adv = e.adv.data_ptr<T>();
-  thread_local std::vector<uint32_t> keys;
-  keys.resize(n);
-  bool any_nan = false;
-  for (int64_t i = 0; i < n; ++i) {
-    const float s = score(nat, adv, i, w);
-    keys[i] = key_of(s);
-    if (!std::isfinite(s)) {
-      ++r.nonfinite;
-      any_nan = any_nan || std::isnan(s);
-    }
-  }
-  if (any_nan) {  // numpy returns NaN; s < NaN is false everywhere: nothing masked
-    r.kept = n;
-    return r;
-  }
-  const Interpolation ip = interpolation(n, p);
-  uint32_t lo, hi;
-  if (ip.lo_rank == ip.hi_rank) {
-    lo = hi = *std::max_element(keys.begin(), keys.begin() + n);
-  } else {
-    std::nth_element(keys.begin(), keys.begin() + ip.lo_rank, keys.begin() + n);
-    lo = keys[ip.lo_rank];
-    hi = *std::min_element(keys.begin() + ip.hi_rank, keys.begin() + n);
-  }
-  r.threshold = threshold_from(lo, hi, ip.g);
-  r.kept = apply_mask(update, nat, adv, 0, n, w, r.threshold);
-  return r;
-}
+struct KeyPair {
+  uint32_t lo, hi;  // keys of ranks lo_rank and hi_rank
+};
 
-// Smallest bin b with count(bins < b) + count(b) > rank; also returns the count below b.
-std::pair<int, int64_t> bin_of_rank(const int64_t* hist, int64_t rank) {
+// The bin holding rank `rank` of a histogram, and the number of keys in bins below it.
+std::pair<uint32_t, int64_t> bin_of_rank(const uint32_t* hist, int bins, int64_t rank) {
   int64_t below = 0;
-  for (int b = 0; b < kBins; ++b) {
-    if (below + hist[b] > rank) return {b, below};
+  for (int b = 0; b < bins; ++b) {
+    if (below + hist[b] > rank) return {static_cast<uint32_t>(b), below};
     below += hist[b];
   }
   TORCH_INTERNAL_ASSERT(false, "rank ", rank, " beyond the histogram total ", below);
 }
 
+void histogram(const uint32_t* keys, int64_t n, int level, Histogram& hist) {
+  std::fill(hist.begin(), hist.end(), 0u);
+  for (int64_t i = 0; i < n; ++i) ++hist[digit(keys[i], level)];
+}
+
+// Largest key whose `level` digit is lo_bin and smallest whose digit is hi_bin (lo_bin < hi_bin).
+KeyPair max_min_of_bins(const uint32_t* keys, int64_t n, int level, uint32_t lo_bin, uint32_t hi_bin) {
+  uint32_t lo = 0, hi = std::numeric_limits<uint32_t>::max();
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t d = digit(keys[i], level);
+    lo = d == lo_bin ? std::max(lo, keys[i]) : lo;
+    hi = d == hi_bin ? std::min(hi, keys[i]) : hi;
+  }
+  return {lo, hi};
+}
+
+// Copies the keys whose `level` digit is `bin` to out (which holds at least their count + 1).
+int64_t compact(const uint32_t* keys, int64_t n, int level, uint32_t bin, uint32_t* out) {
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    out[m] = keys[i];  // branch-free: always write, advance only on a match
+    m += digit(keys[i], level) == bin;
+  }
+  return m;
+}
+
+// Keys of ranks lo and hi (hi is lo or lo + 1) among keys[0, n), in place (keys is reordered).
+KeyPair select_direct(uint32_t* keys, int64_t n, int64_t lo, int64_t hi) {
+  std::nth_element(keys, keys + lo, keys + n);
+  const uint32_t lo_key = keys[lo];
+  const uint32_t hi_key = hi == lo ? lo_key : *std::min_element(keys + hi, keys + n);
+  return {lo_key, hi_key};
+}
+
+// Ranks lo and hi of candidate keys that share every digit above `level`, refined digit by digit.
+// Works in place on cand (reordered and overwritten); hist is scratch.
+KeyPair refine(uint32_t* cand, int64_t n, int64_t lo, int64_t hi, int level, Histogram& hist) {
+  while (true) {
+    if (n <= kRefineDirect) return select_direct(cand, n, lo, hi);
+    histogram(cand, n, level, hist);
+    const int bins = static_cast<int>(kDigitMask[level]) + 1;
+    const auto [lo_bin, below] = bin_of_rank(hist.data(), bins, lo);
+    const uint32_t hi_bin = hi == lo ? lo_bin : bin_of_rank(hist.data(), bins, hi).first;
+    if (lo_bin != hi_bin) return max_min_of_bins(cand, n, level, lo_bin, hi_bin);
+    n = compact(cand, n, level, lo_bin, cand);  // in place: the write index never passes the read index
+    lo -= below;
+    hi -= below;
+    if (level == kDigits - 1) return {cand[0], cand[0]};  // every digit fixed: all candidates are equal
+    ++level;
+  }
+}
+
+// --- one tensor, one thread -------------------------------------------------------------------------
+
+struct Scratch {
+  std::vector<uint32_t> keys, cand;
+  Histogram hist;
+};
+
+Scratch& thread_scratch() {
+  thread_local Scratch scratch;
+  return scratch;
+}
+
 template <typename T>
-TensorResult mask_large(const Entry& e, Weights w, double p) {
+int64_t mask_with_keys(T* update, const uint32_t* keys, int64_t n, float thr) {
+  int64_t kept = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const bool keep = !(float_of(keys[i]) < thr);
+    update[i] = keep ? update[i] : T(0);
+    kept += keep;
+  }
+  return kept;
+}
+
+// Fills keys[0, n) and returns the number of non-finite scores; hist (if given) gets level 0.
+template <typename T>
+int64_t score_keys(const T* nat, const T* adv, int64_t n, Weights w, uint32_t* keys, Histogram* hist) {
+  uint32_t nonfinite_bins = 0;
+  if (hist != nullptr) {
+    Histogram& h = *hist;
+    std::fill(h.begin(), h.end(), 0u);
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t key = key_of(score(nat[i], adv[i], w));
+      keys[i] = key;
+      ++h[digit(key, 0)];
+    }
+    // Digit 0 drops the sign bit, so every key with an all-ones exponent (inf or NaN) lands in the
+    // top 16 bins and nothing else does.
+    for (int b = kBins - 16; b < kBins; ++b) nonfinite_bins += h[b];
+    return nonfinite_bins;
+  }
+  int64_t nonfinite = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t key = key_of(score(nat[i], adv[i], w));
+    keys[i] = key;
+    nonfinite += key_is_nonfinite(key);
+  }
+  return nonfinite;
+}
+
+bool any_nan(const uint32_t* keys, int64_t n) {
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) nan |= key_is_nan(keys[i]);
+  return nan;
+}
+
+template <typename T>
+TensorResult mask_serial(const Entry& e, Weights w, double p) {
+  TensorResult r;
+  const int64_t n = e.n;
+  if (n == 0) return r;
+  T* update = e.update.data_ptr<T>();
+  Scratch& s = thread_scratch();
+  if (static_cast<int64_t>(s.keys.size()) < n) s.keys.resize(n);
+  uint32_t* keys = s.keys.data();
+  const bool direct = n < kDirect;
+  r.nonfinite = score_keys(e.nat.data_ptr<T>(), e.adv.data_ptr<T>(), n, w, keys, direct ? nullptr : &s.hist);
+  if (r.nonfinite > 0 && any_nan(keys, n)) {  // numpy returns NaN; s < NaN is false: nothing masked
+    r.kept = n;
+    return r;
+  }
+  const Interpolation ip = interpolation(n, p);
+  KeyPair pair;
+  if (direct) {
+    if (static_cast<int64_t>(s.cand.size()) < n) s.cand.resize(n);
+    std::copy(keys, keys + n, s.cand.data());
+    pair = select_direct(s.cand.data(), n, ip.lo_rank, ip.hi_rank);
+  } else {
+    const auto [lo_bin, below] = bin_of_rank(s.hist.data(), kBins, ip.lo_rank);
+    const uint32_t hi_bin = bin_of_rank(s.hist.data(), kBins, ip.hi_rank).first;
+    if (lo_bin != hi_bin) {
+      pair = max_min_of_bins(keys, n, 0, lo_bin, hi_bin);
+    } else {
+      const int64_t m = s.hist[lo_bin];
+      if (static_cast<int64_t>(s.cand.size()) < m + 1) s.cand.resize(m + 1);
+      compact(keys, n, 0, lo_bin, s.cand.data());
+      pair = refine(s.cand.data(), m, ip.lo_rank - below, ip.hi_rank - below, 1, s.hist);
+    }
+  }
+  r.threshold = threshold_from(pair.lo, pair.hi, ip.g);
+  r.kept = mask_with_keys(update, keys, n, r.threshold);
+  return r;
+}
+
+// --- one tensor, all threads ------------------------------------------------------------------------
+
+template <typename T>
+TensorResult mask_split(const Entry& e, Weights w, double p) {
   TensorResult r;
   const int64_t n = e.n;
   T* update = e.update.data_ptr<T>();
   const T* nat = e.nat.data_ptr<T>();
   const T* adv = e.adv.data_ptr<T>();
   const int threads = omp_get_max_threads();
-  static std::vector<float> scores;  // reused across calls: no page faults on every step
-  static std::vector<int64_t> hists;
-  scores.resize(n);
-  hists.resize(static_cast<size_t>(threads + 1) * kBins);
-  float* s = scores.data();
-  int64_t* total = hists.data() + static_cast<size_t>(threads) * kBins;
+  // Shared by this call's threads and reused across calls (no page faults on every step); the lock
+  // serialises concurrent callers from different Python threads.
+  static std::mutex lock;
+  static std::vector<uint32_t> keys, cand;
+  static std::vector<Histogram> hists;
+  const std::lock_guard<std::mutex> guard(lock);
+  keys.resize(n);
+  hists.resize(threads);
+  auto slice = [&](int t) {
+    const int64_t chunk = (n + threads - 1) / threads;
+    const int64_t begin = std::min(n, t * chunk);
+    return std::pair<int64_t, int64_t>{begin, std::min(n, begin + chunk)};
+  };
 
-  int64_t nonfinite = 0, nans = 0;
-#pragma omp parallel num_threads(threads) reduction(+ : nonfinite, nans)
+  int64_t nonfinite = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : nonfinite)
   {
-    int64_t* h = hists.data() + static_cast<size_t>(omp_get_thread_num()) * kBins;
-    std::fill(h, h + kBins, 0);
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
-      const float v = score(nat, adv, i, w);
-      s[i] = v;
-      ++h[key_of(v) >> kBits];
-      if (!std::isfinite(v)) {
-        ++nonfinite;
-        nans += std::isnan(v);
-      }
-    }
+    const int t = omp_get_thread_num();
+    const auto [begin, end] = slice(t);
+    nonfinite += score_keys(nat + begin, adv + begin, end - begin, w, keys.data() + begin, &hists[t]);
   }
   r.nonfinite = nonfinite;
-  if (nans > 0) {
+  if (nonfinite > 0 && any_nan(keys.data(), n)) {
     r.kept = n;
     return r;
   }
-  std::fill(total, total + kBins, 0);
-  for (int t = 0; t < threads; ++t) {
-    const int64_t* h = hists.data() + static_cast<size_t>(t) * kBins;
-    for (int b = 0; b < kBins; ++b) total[b] += h[b];
-  }
+  Histogram total{};
+  for (int t = 0; t < threads; ++t)
+    for (int b = 0; b < kBins; ++b) total[b] += hists[t][b];
   const Interpolation ip = interpolation(n, p);
-  const auto [lo_bin, lo_below] = bin_of_rank(total, ip.lo_rank);
-  const auto [hi_bin, hi_below] = bin_of_rank(total, ip.hi_rank);
-  uint32_t lo_key, hi_key;
+  const auto [lo_bin, below] = bin_of_rank(total.data(), kBins, ip.lo_rank);
+  const uint32_t hi_bin = bin_of_rank(total.data(), kBins, ip.hi_rank).first;
+  KeyPair pair;
   if (lo_bin != hi_bin) {
-    // Consecutive ranks in different bins: rank k is the largest key of its bin, k+1 the smallest of its bin.
-    uint32_t lo_max = 0, hi_min = std::numeric_limits<uint32_t>::max();
-#pragma omp parallel for num_threads(threads) reduction(max : lo_max) reduction(min : hi_min) schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t key = key_of(s[i]);
-      const uint32_t bin = key >> kBits;
-      if (bin == static_cast<uint32_t>(lo_bin)) lo_max = std::max(lo_max, key);
-      if (bin == static_cast<uint32_t>(hi_bin)) hi_min = std::min(hi_min, key);
-    }
-    lo_key = lo_max;
-    hi_key = hi_min;
-  } else {
-    // Both ranks in one bin: histogram the low 16 bits of the keys in that bin.
+    std::vector<KeyPair> parts(threads);
 #pragma omp parallel num_threads(threads)
     {
-      int64_t* h = hists.data() + static_cast<size_t>(omp_get_thread_num()) * kBins;
-      std::fill(h, h + kBins, 0);
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < n; ++i) {
-        const uint32_t key = key_of(s[i]);
-        if ((key >> kBits) == static_cast<uint32_t>(lo_bin)) ++h[key & kLowMask];
-      }
+      const int t = omp_get_thread_num();
+      const auto [begin, end] = slice(t);
+      parts[t] = max_min_of_bins(keys.data() + begin, end - begin, 0, lo_bin, hi_bin);
     }
-    std::fill(total, total + kBins, 0);
-    for (int t = 0; t < threads; ++t) {
-      const int64_t* h = hists.data() + static_cast<size_t>(t) * kBins;
-      for (int b = 0; b < kBins; ++b) total[b] += h[b];
+    pair = parts[0];
+    for (const KeyPair& q : parts) pair = {std::max(pair.lo, q.lo), std::min(pair.hi, q.hi)};
+  } else {
+    // Each slice's matches go to its own range of cand: offsets from the per-slice histograms.
+    std::vector<int64_t> offset(threads + 1, 0);
+    for (int t = 0; t < threads; ++t) offset[t + 1] = offset[t] + hists[t][lo_bin];
+    cand.resize(offset[threads] + 1);
+#pragma omp parallel num_threads(threads)
+    {
+      const int t = omp_get_thread_num();
+      const auto [begin, end] = slice(t);
+      std::vector<uint32_t> local(hists[t][lo_bin] + 1);  // the branch-free compact writes one past
+      compact(keys.data() + begin, end - begin, 0, lo_bin, local.data());
+      std::copy(local.begin(), local.end() - 1, cand.begin() + offset[t]);
     }
-    const uint32_t high = static_cast<uint32_t>(lo_bin) << kBits;
-    lo_key = high | static_cast<uint32_t>(bin_of_rank(total, ip.lo_rank - lo_below).first);
-    hi_key = high | static_cast<uint32_t>(bin_of_rank(total, ip.hi_rank - lo_below).first);
+    Histogram hist;
+    pair = refine(cand.data(), offset[threads], ip.lo_rank - below, ip.hi_rank - below, 1, hist);
   }
-  const float thr = threshold_from(lo_key, hi_key, ip.g);
+  const float thr = threshold_from(pair.lo, pair.hi, ip.g);
   r.threshold = thr;
   int64_t kept = 0;
-#pragma omp parallel for num_threads(threads) reduction(+ : kept) schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    if (s[i] < thr) {
-      update[i] = T(0);
-    } else {
-      ++kept;
-    }
+#pragma omp parallel num_threads(threads) reduction(+ : kept)
+  {
+    const auto [begin, end] = slice(omp_get_thread_num());
+    kept += mask_with_keys(update + begin, keys.data() + begin, end - begin, thr);
   }
   r.kept = kept;
   return r;
@@ -267,11 +371,11 @@ void dispatch_float(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
-TensorResult mask_entry(const Entry& e, Weights w, double p, bool large) {
+TensorResult mask_entry(const Entry& e, Weights w, double p, bool split) {
   TensorResult r;
   dispatch_float(e.update.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    r = large ? mask_large<T>(e, w, p) : mask_small<T>(e, w, p);
+    r = split ? mask_split<T>(e, w, p) : mask_serial<T>(e, w, p);
   });
   return r;
 }
@@ -287,6 +391,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_mask_cpu(at::TensorList updat
   TORCH_CHECK(p >= 0.0 && p <= 1.0, "cure::rgp_mask: p must lie in [0, 1], got ", p);
   std::vector<Entry> entries;
   entries.reserve(count);
+  int64_t total = 0;
   for (int64_t i = 0; i < count; ++i) {
     const at::Tensor& u = updates[i];
     TORCH_CHECK(u.device().is_cpu() && grads_nat[i].device().is_cpu() && grads_adv[i].device().is_cpu(),
@@ -295,17 +400,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_mask_cpu(at::TensorList updat
                 "cure::rgp_mask: shapes of tensor ", i, " differ");
     TORCH_CHECK(grads_nat[i].scalar_type() == u.scalar_type() && grads_adv[i].scalar_type() == u.scalar_type(),
                 "cure::rgp_mask: dtypes of tensor ", i, " differ");
+    TORCH_CHECK(u.numel() <= kMaxElements, "cure::rgp_mask (CPU kernel): tensor ", i, " has ", u.numel(),
+                " elements; at most 2^32 - 1 per tensor are supported");
     entries.push_back({u.contiguous(), grads_nat[i].contiguous(), grads_adv[i].contiguous(), u.numel()});
+    total += u.numel();
   }
   const Weights w{static_cast<float>(alpha), static_cast<float>(1.0 - alpha)};
+  const int threads = omp_get_max_threads();
   std::vector<TensorResult> results(count);
-  std::vector<int64_t> small, large;
-  for (int64_t i = 0; i < count; ++i) (entries[i].n < kSmallTensor ? small : large).push_back(i);
-
-  const int64_t n_small = static_cast<int64_t>(small.size());
-#pragma omp parallel for schedule(dynamic, 1) if (n_small > 1)
-  for (int64_t j = 0; j < n_small; ++j) results[small[j]] = mask_entry(entries[small[j]], w, p, false);
-  for (const int64_t i : large) results[i] = mask_entry(entries[i], w, p, true);
+  std::vector<int64_t> split, serial;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t n = entries[i].n;
+    const bool big = threads > 1 && n >= kSplitMin && n * threads > total;
+    (big ? split : serial).push_back(i);
+  }
+  for (const int64_t i : split) results[i] = mask_entry(entries[i], w, p, true);
+  // Largest first: the greedy hand-out then balances the threads to within one small tensor.
+  std::stable_sort(serial.begin(), serial.end(), [&](int64_t a, int64_t b) { return entries[a].n > entries[b].n; });
+  const int64_t n_serial = static_cast<int64_t>(serial.size());
+#pragma omp parallel for schedule(dynamic, 1) if (n_serial > 1)
+  for (int64_t j = 0; j < n_serial; ++j) results[serial[j]] = mask_entry(entries[serial[j]], w, p, false);
 
   auto thresholds = at::empty({count}, at::TensorOptions().dtype(at::kFloat));
   auto kept = at::empty({count}, at::TensorOptions().dtype(at::kLong));
