@@ -1,8 +1,17 @@
-"""End-to-end training-step benchmark: images/s of a CURE step against a TRADES step, and against a
-CURE step that masks the way the official code does (per tensor: copy the score to the host, then
-numpy.percentile). Same model, batch, attack and device; all in one process.
+"""End-to-end training-step benchmark: the time of one step of each method, side by side in one process.
+
+Variants (same model, batch, attack and device):
+  st, at, trades                the baselines (TRADES is the method CURE extends)
+  cure                          CURE with our fused mask and revision ops
+  cure (official masking)       CURE whose mask is done the official code's way (per tensor: copy the
+                                score to the host, then numpy.percentile)
+  cure --no-mask, cure --no-revision   CURE's two ablations
+
+Steps run round-robin (A, B, C, A, B, C, ...) so that a change in machine load hits every variant alike.
+The data is random: the cost of a step does not depend on the pixel values.
 
 Usage:  python bench/bench_step.py [--device cpu|cuda] [--arch cnn|resnet18|...] [--batch-size N] [--steps N]
+        [--variants trades,cure,...] [--amp]
 Writes bench/results/step_<device>_<arch>.csv and prints one table.
 """
 
@@ -24,6 +33,17 @@ from cure.data import DATASETS  # noqa: E402
 from cure.methods import STEP_FUNCTIONS, build_step_context  # noqa: E402
 from cure.models import build_model  # noqa: E402
 
+OFFICIAL = "cure (official masking)"
+VARIANTS = {
+    "st": {"method": "st"},
+    "at": {"method": "at"},
+    "trades": {"method": "trades"},
+    "cure": {"method": "cure"},
+    OFFICIAL: {"method": "cure"},
+    "cure --no-mask": {"method": "cure", "no_mask": True},
+    "cure --no-revision": {"method": "cure", "no_revision": True},
+}
+
 
 def official_mask_(masker) -> None:
     """The official code's conserve step: per tensor, the score to the host and numpy.percentile."""
@@ -33,17 +53,17 @@ def official_mask_(masker) -> None:
         q.grad[s < torch.tensor(thr, device=s.device)] = 0
 
 
-def time_method(name: str, method: str, arch: str, dataset: str, device: torch.device, batch_size: int,
-                steps: int, warmup: int, official: bool = False) -> dict:
+def build_context(variant: str, arch: str, dataset: str, device: torch.device, batch_size: int, amp: bool):
+    """The step function and its context for one variant, on a freshly initialised model (seed 0)."""
     torch.manual_seed(0)
     spec = DATASETS[dataset]
-    cfg = resolve_config({"method": method, "dataset": dataset, "arch": arch, "device": device.type,
-                          "batch_size": batch_size, "progress": False})
+    cfg = resolve_config({"dataset": dataset, "arch": arch, "device": device.type, "batch_size": batch_size,
+                          "amp": amp, "progress": False, **VARIANTS[variant]})
     module = build_model(arch, spec).to(device)
     if device.type == "cuda":
         module = module.to(memory_format=torch.channels_last)
     ctx = build_step_context(cfg, module, eps=spec.eps, step_size=spec.step_size, attack_seed=0, revision_seed=0)
-    if official:
+    if variant == OFFICIAL:
         masker = ctx.masker
 
         def mask_the_official_way():
@@ -51,24 +71,34 @@ def time_method(name: str, method: str, arch: str, dataset: str, device: torch.d
             return _unit_stats(masker)
 
         masker.mask_ = mask_the_official_way
-    step = STEP_FUNCTIONS[method]
-    x = torch.rand(batch_size, *spec.shape, device=device)
-    y = torch.randint(0, spec.num_classes, (batch_size,), device=device)
-    for _ in range(warmup):
-        step(ctx, x, y)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step(ctx, x, y)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    median = float(np.median(times))
-    return {"provider": name, "arch": arch, "batch": batch_size, "median_ms": median * 1e3,
-            "p20_ms": float(np.percentile(times, 20)) * 1e3, "p80_ms": float(np.percentile(times, 80)) * 1e3,
-            "images/s": batch_size / median}
+    return STEP_FUNCTIONS[cfg.method], ctx
+
+
+def time_variants(variants: list[str], arch: str, dataset: str, device: torch.device, batch_size: int,
+                  steps: int, warmup: int, amp: bool) -> list[dict]:
+    spec = DATASETS[dataset]
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch_size, *spec.shape, generator=g).to(device)
+    y = torch.randint(0, spec.num_classes, (batch_size,), generator=g).to(device)
+    built = {v: build_context(v, arch, dataset, device, batch_size, amp) for v in variants}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for rep in range(warmup + steps):
+        for v in variants:
+            step, ctx = built[v]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            result = step(ctx, x, y)
+            float(result.loss)  # waits for the step to finish
+            if rep >= warmup:
+                times[v].append(time.perf_counter() - t0)
+    rows = []
+    for v in variants:
+        median = float(np.median(times[v]))
+        rows.append({"provider": v, "arch": arch, "batch": batch_size, "median_ms": median * 1e3,
+                     "p20_ms": float(np.percentile(times[v], 20)) * 1e3,
+                     "p80_ms": float(np.percentile(times[v], 80)) * 1e3, "images/s": batch_size / median})
+    return rows
 
 
 def _unit_stats(masker):
@@ -88,7 +118,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", default=None, help="default: cifar10 on CUDA, fashion-mnist on CPU")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 30 on CUDA, 5 on CPU)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     args = parser.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     arch = args.arch or ("resnet18" if gpu else "cnn")
@@ -96,21 +132,18 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps or (30 if gpu else 5)
     warmup = 5 if gpu else 1
     env = environment(device)
-    rows = [time_method("trades", "trades", arch, dataset, device, args.batch_size, steps, warmup),
-            time_method("cure", "cure", arch, dataset, device, args.batch_size, steps, warmup),
-            time_method("cure (official masking)", "cure", arch, dataset, device, args.batch_size, steps, warmup,
-                        official=True)]
-    trades_ms, cure_ms = rows[0]["median_ms"], rows[1]["median_ms"]
+    rows = time_variants(variants, arch, dataset, device, args.batch_size, steps, warmup, args.amp)
+    by_name = {r["provider"]: r["median_ms"] for r in rows}
     for r in rows:
-        r["vs trades"] = r["median_ms"] / trades_ms
-        r["cure speed-up"] = r["median_ms"] / cure_ms
+        r["vs trades"] = r["median_ms"] / by_name["trades"] if "trades" in by_name else float("nan")
+        r["vs cure"] = r["median_ms"] / by_name["cure"] if "cure" in by_name else float("nan")
         r.update(env)
     path = write_csv(f"step_{device.type}_{arch}.csv", rows)
-    print(f"\nTraining step, {arch} on {dataset}-shaped batches of {args.batch_size}, {env['machine']} "
-          f"(torch {env['torch']}, git {env['git_sha']}). 'vs trades' is step time over TRADES' "
-          f"(target <= 1.35); 'cure speed-up' is step time over our CURE step's.")
+    print(f"\nTraining step, {arch} on {dataset}-shaped batches of {args.batch_size}{' (amp)' if args.amp else ''}, "
+          f"{env['machine']} (torch {env['torch']}, git {env['git_sha']}); median of {steps} steps, round-robin. "
+          f"'vs trades' and 'vs cure' are step time over TRADES' (target for cure <= 1.35) and over our CURE step's.")
     print_table(rows, ["provider", "arch", "batch", "median_ms", "p20_ms", "p80_ms", "images/s", "vs trades",
-                       "cure speed-up"])
+                       "vs cure"])
     print(f"\nwrote {path}")
 
 

@@ -127,7 +127,7 @@ def render(runs: Path) -> str:
         f"for ST the highest validation Nat). 'kept' is the mean fraction of gradient entries the RGP mask "
         f"let through (entries tied with a zero threshold are kept, so it exceeds 1 - p when more than a "
         f"fraction p of a tensor's scores are exactly 0). Train time is wall-clock on a shared machine, not "
-        f"a speed comparison (see scripts/time_step.py for that).",
+        f"a speed comparison (see bench/bench_step.py for that).",
         "",
         "| method | Nat | PGD-20 | NRR | best epoch | PGD-20 best - last | revision Nat | revision PGD-20 "
         "| revision NRR | kept | train time (s) |",
