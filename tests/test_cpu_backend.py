@@ -238,6 +238,33 @@ def test_resnet_like_mix_of_sizes_and_dtypes():
         check_against_reference(updates, nat, adv, 0.1, 0.3)
 
 
+def test_concurrent_callers_from_python_threads():
+    # The split path shares scratch buffers between its OpenMP threads; two Python threads masking large
+    # tensors at the same time must still each get the exact result.
+    import threading
+
+    gen = torch.Generator().manual_seed(12)
+    cases = [_case(kind, 300007, torch.float32, gen) for kind in ("random", "crowded", "ties", "zeros")]
+    expected = []
+    for update, a, b in cases:
+        e = update.clone()
+        expected.append((e, reference.rgp_mask_reference([e], [a], [b], 0.1, 0.3)[0]))
+    results = [None] * len(cases)
+
+    def run(i):
+        update, a, b = cases[i]
+        results[i] = ck.rgp_mask_([update], [a], [b], alpha=0.1, p=0.3, backend="cpu").thresholds
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (update, _, _), (e, thr), got in zip(cases, expected, results):
+        assert_same_thresholds(got, thr)
+        assert torch.equal(_bits(update), _bits(e))
+
+
 def test_results_do_not_depend_on_the_thread_count():
     gen = torch.Generator().manual_seed(9)
     sizes = [5, 1000, 65537, 200003, 3, 131073, 0, 17]
