@@ -15,6 +15,10 @@ from rgp_cases import DTYPES, KINDS, assert_matches_reference, bitwise_equal_f32
 import cure_kernels as ck
 from cure_kernels import reference
 
+# numpy warns about inf - inf inside numpy.quantile (called by the reference) and Triton's interpreter
+# about the same arithmetic: the NaN it yields is part of the specification these tests check.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
 FAST_BACKENDS = [b for b in ck.available_backends("cpu") if b != "reference"]
 if torch.cuda.is_available():
     FAST_BACKENDS += [f"{b}@cuda" for b in ck.available_backends("cuda") if b != "reference"]
