@@ -15,7 +15,7 @@
 //           are left. Heavy ties (e.g. 30 % exact zeros) shrink through the digits, never re-read n.
 //   pass 2  update[s < thr] = 0, reading the cached keys, counting kept entries.
 //   Memory per element: 8 B of gradients read, 4 B of keys written, 4-8 B of keys read, and the
-//   update read and written once; the keys of a 2.4 M-element tensor stay in the L3 cache.
+//   update read and written once.
 // Scheduling: tensors are handed to threads largest first, no barrier between tensors. A tensor
 // larger than its fair share of the total (n * threads > total) would leave the other threads
 // idle, so it is split: all threads run pass 1 on slices with their own histograms, the shared bin
