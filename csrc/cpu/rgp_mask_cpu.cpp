@@ -34,7 +34,6 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
-#include <numeric>
 #include <tuple>
 #include <vector>
 
@@ -169,21 +168,29 @@ KeyPair select_direct(uint32_t* keys, int64_t n, int64_t lo, int64_t hi) {
   return {lo_key, hi_key};
 }
 
-// Ranks lo and hi of candidate keys that share every digit above `level`, refined digit by digit.
-// Works in place on cand (reordered and overwritten); hist is scratch.
-KeyPair refine(uint32_t* cand, int64_t n, int64_t lo, int64_t hi, int level, Histogram& hist) {
+// Keys of ranks lo and hi among src[0, n), whose digits above `level` are all equal and whose
+// `level` digits are counted in hist. When the two ranks fall in different bins, one scan of src
+// finds them. Otherwise the shared bin's keys are compacted into cand and refined there, in place,
+// by the next digit (or by nth_element once few are left). src may be cand itself.
+KeyPair select_in_bins(const uint32_t* src, int64_t n, int64_t lo, int64_t hi, int level, Histogram& hist,
+                       std::vector<uint32_t>& cand) {
   while (true) {
-    if (n <= kRefineDirect) return select_direct(cand, n, lo, hi);
-    histogram(cand, n, level, hist);
     const int bins = static_cast<int>(kDigitMask[level]) + 1;
     const auto [lo_bin, below] = bin_of_rank(hist.data(), bins, lo);
     const uint32_t hi_bin = hi == lo ? lo_bin : bin_of_rank(hist.data(), bins, hi).first;
-    if (lo_bin != hi_bin) return max_min_of_bins(cand, n, level, lo_bin, hi_bin);
-    n = compact(cand, n, level, lo_bin, cand);  // in place: the write index never passes the read index
+    if (lo_bin != hi_bin) return max_min_of_bins(src, n, level, lo_bin, hi_bin);
+    const int64_t m = hist[lo_bin];
+    if (src != cand.data() && static_cast<int64_t>(cand.size()) < m + 1) cand.resize(m + 1);
+    // In place (src == cand) the write index never passes the read index.
+    compact(src, n, level, lo_bin, cand.data());
+    src = cand.data();
+    n = m;
     lo -= below;
     hi -= below;
-    if (level == kDigits - 1) return {cand[0], cand[0]};  // every digit fixed: all candidates are equal
+    if (level == kDigits - 1) return {src[0], src[0]};  // every digit fixed: all candidates are equal
+    if (n <= kRefineDirect) return select_direct(cand.data(), n, lo, hi);
     ++level;
+    histogram(src, n, level, hist);
   }
 }
 
@@ -264,16 +271,7 @@ TensorResult mask_serial(const Entry& e, Weights w, double p) {
     std::copy(keys, keys + n, s.cand.data());
     pair = select_direct(s.cand.data(), n, ip.lo_rank, ip.hi_rank);
   } else {
-    const auto [lo_bin, below] = bin_of_rank(s.hist.data(), kBins, ip.lo_rank);
-    const uint32_t hi_bin = bin_of_rank(s.hist.data(), kBins, ip.hi_rank).first;
-    if (lo_bin != hi_bin) {
-      pair = max_min_of_bins(keys, n, 0, lo_bin, hi_bin);
-    } else {
-      const int64_t m = s.hist[lo_bin];
-      if (static_cast<int64_t>(s.cand.size()) < m + 1) s.cand.resize(m + 1);
-      compact(keys, n, 0, lo_bin, s.cand.data());
-      pair = refine(s.cand.data(), m, ip.lo_rank - below, ip.hi_rank - below, 1, s.hist);
-    }
+    pair = select_in_bins(keys, n, ip.lo_rank, ip.hi_rank, 0, s.hist, s.cand);
   }
   r.threshold = threshold_from(pair.lo, pair.hi, ip.g);
   r.kept = mask_with_keys(update, keys, n, r.threshold);
@@ -346,8 +344,14 @@ TensorResult mask_split(const Entry& e, Weights w, double p) {
       compact(keys.data() + begin, end - begin, 0, lo_bin, local.data());
       std::copy(local.begin(), local.end() - 1, cand.begin() + offset[t]);
     }
-    Histogram hist;
-    pair = refine(cand.data(), offset[threads], ip.lo_rank - below, ip.hi_rank - below, 1, hist);
+    const int64_t m = offset[threads];
+    const int64_t lo = ip.lo_rank - below, hi = ip.hi_rank - below;
+    if (m <= kRefineDirect) {
+      pair = select_direct(cand.data(), m, lo, hi);
+    } else {
+      histogram(cand.data(), m, 1, total);
+      pair = select_in_bins(cand.data(), m, lo, hi, 1, total, cand);
+    }
   }
   const float thr = threshold_from(pair.lo, pair.hi, ip.g);
   r.threshold = thr;
