@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: CURE on Fashion-MNIST on the CPU in a few minutes (about 3.5-7 on 2 cores).
+# The main job: CURE on Fashion-MNIST on the CPU in a few minutes (about 3.5-7.5 on 2 cores).
 #
 #   1. natural pre-training (ST): the small CNN, 2 epochs on 20,000 training images;
 #   2. CURE from that checkpoint: 3 epochs on 4,096 images, L-inf eps 0.1, TRADES attack K = 10,
