@@ -21,4 +21,11 @@ TORCH_LIBRARY(cure, m) {
         " -> (Tensor, Tensor, Tensor)");
   // revision[i] <- decay*revision[i] + (1-decay)*params[i].
   m.def("revise(Tensor(a!)[] revision, Tensor[] params, float decay) -> ()");
+  // Conserve mask + SGD (momentum, weight decay; mask_mode "grad" or "update") + revision EMA, in one
+  // op (cure_kernels/sgd_step.py states the formula). revision may be empty (no EMA). skip: a one-element
+  // device tensor; where nonzero, or where any score is not finite, params and momentum are untouched.
+  // Returns (thresholds float32[T], kept int64[T], nonfinite int64[T]).
+  m.def("rgp_sgd_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor[] grads_nat, Tensor[] grads_adv,"
+        " Tensor(c!)[] momentum_buffers, Tensor(d!)[] revision, float lr, float momentum, float weight_decay,"
+        " float alpha, float p, str mask_mode, float decay, Tensor? skip) -> (Tensor, Tensor, Tensor)");
 }

@@ -29,7 +29,7 @@ from cure_kernels.validation import check_fraction, check_tensor_lists
 __all__ = ["rgp_sgd_step_", "rgp_sgd_step_reference", "MASK_MODES", "SGD_STEP_BACKENDS"]
 
 MASK_MODES = ("grad", "update")
-SGD_STEP_BACKENDS = ("reference", "triton")
+SGD_STEP_BACKENDS = ("reference", "cpu", "triton", "cuda")
 
 
 def _f32(x: float) -> Tensor:
@@ -40,7 +40,7 @@ def _f32(x: float) -> Tensor:
 def rgp_sgd_step_reference(params: Sequence[Tensor], grads: Sequence[Tensor], grads_nat: Sequence[Tensor],
                            grads_adv: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
                            revision: Sequence[Tensor], lr: float, momentum: float, weight_decay: float,
-                           alpha: float, p: float, mask_mode: str, decay: float
+                           alpha: float, p: float, mask_mode: str, decay: float, skip: Tensor | None = None
                            ) -> tuple[Tensor, Tensor, Tensor]:
     """The oracle of :func:`rgp_sgd_step_` (same arguments; ``revision`` empty means no revision update).
 
@@ -50,11 +50,15 @@ def rgp_sgd_step_reference(params: Sequence[Tensor], grads: Sequence[Tensor], gr
         d = g + f32(wd)*param;  buf' = f32(momentum)*buf + d  (stored);  param' = param - f32(lr)*buf'
         mask_mode "update": param' = param, buf' = buf where s < thr
         rev' = f32(decay)*rev + f32(1 - decay)*param'   (param' as stored)
+        skip given and (skip != 0 or any score of the call not finite): param' = param, buf' = buf
 
     Returns ``(thresholds, kept, nonfinite)`` like :func:`~cure_kernels.reference.rgp_mask_reference`.
     Synchronises with the host (numpy): oracle only.
     """
     thresholds, kept, nonfinite = rgp_mask_reference(grads, grads_nat, grads_adv, alpha, p)
+    skipped = None
+    if skip is not None:
+        skipped = (skip.reshape(()) != 0) | (nonfinite.sum() > 0)
     lr32, mom32, wd32 = _f32(lr), _f32(momentum), _f32(weight_decay)
     decay32, keep32 = _f32(decay), _f32(1.0 - decay)
     for i, (q, g, buf) in enumerate(zip(params, grads, momentum_buffers)):
@@ -70,6 +74,9 @@ def rgp_sgd_step_reference(params: Sequence[Tensor], grads: Sequence[Tensor], gr
             frozen = scores < thresholds[i].to(dev)  # a NaN threshold freezes nothing
             v_new = torch.where(frozen, buf, v_new)
             w_new = torch.where(frozen, q, w_new)
+        if skipped is not None:
+            v_new = torch.where(skipped.to(dev), buf, v_new)
+            w_new = torch.where(skipped.to(dev), q, w_new)
         buf.copy_(v_new)
         q.copy_(w_new)
         if revision:
@@ -89,25 +96,36 @@ _MUTATED = ("params", "grads", "momentum_buffers", "revision")
 def _rgp_sgd_step_reference(params: list[Tensor], grads: list[Tensor], grads_nat: list[Tensor],
                             grads_adv: list[Tensor], momentum_buffers: list[Tensor], revision: list[Tensor],
                             lr: float, momentum: float, weight_decay: float, alpha: float, p: float,
-                            mask_mode: str, decay: float) -> tuple[Tensor, Tensor, Tensor]:
+                            mask_mode: str, decay: float, skip: Tensor | None
+                            ) -> tuple[Tensor, Tensor, Tensor]:
     return rgp_sgd_step_reference(params, grads, grads_nat, grads_adv, momentum_buffers, revision, lr,
-                                  momentum, weight_decay, alpha, p, mask_mode, decay)
+                                  momentum, weight_decay, alpha, p, mask_mode, decay, skip)
 
 
 @torch.library.custom_op("cure::rgp_sgd_step_triton", mutates_args=_MUTATED)
 def _rgp_sgd_step_triton(params: list[Tensor], grads: list[Tensor], grads_nat: list[Tensor],
                          grads_adv: list[Tensor], momentum_buffers: list[Tensor], revision: list[Tensor],
                          lr: float, momentum: float, weight_decay: float, alpha: float, p: float,
-                         mask_mode: str, decay: float) -> tuple[Tensor, Tensor, Tensor]:
+                         mask_mode: str, decay: float, skip: Tensor | None
+                         ) -> tuple[Tensor, Tensor, Tensor]:
     # Imported here: TRITON_INTERPRET must be read when the kernels are defined.
     from cure_kernels.triton_sgd_step import rgp_sgd_step_triton
 
     return rgp_sgd_step_triton(params, grads, grads_nat, grads_adv, momentum_buffers, revision, lr, momentum,
-                               weight_decay, alpha, p, mask_mode, decay)
+                               weight_decay, alpha, p, mask_mode, decay, skip)
 
 
 for _op in (_rgp_sgd_step_reference, _rgp_sgd_step_triton):
     _op.register_fake(_stats_fake)
+# The C++ op (cure::rgp_sgd_step, csrc/cure_ops.cpp): CPU and CUDA kernels under one name.
+if backends.PROBE.extension_error is None:
+    torch.library.register_fake("cure::rgp_sgd_step")(_stats_fake)
+
+
+def _cxx_has(key: str) -> bool:
+    """The extension registered a ``cure::rgp_sgd_step`` kernel for dispatch key ``key`` ("CPU"/"CUDA")."""
+    return (backends.PROBE.extension_error is None
+            and torch._C._dispatch_has_kernel_for_dispatch_key("cure::rgp_sgd_step", key))
 
 
 def _check_nonnegative(name: str, value: object) -> float:
@@ -126,16 +144,20 @@ def _resolve(backend: object, device: torch.device) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__} {backend!r}")
     if backend == "auto":
+        if device.type == "cpu" and _cxx_has("CPU"):
+            return "cpu"
         if device.type == "cuda" and backends.unavailable_reason("triton", device) is None:
             return "triton"
+        if device.type == "cuda" and _cxx_has("CUDA"):
+            return "cuda"
         return "reference"
-    if backend in ("cpu", "cuda"):
-        raise ValueError(f"backend={backend!r}: the C++ backends do not implement rgp_sgd_step_ yet; use "
-                         f"'triton' (CUDA tensors), 'reference' or 'auto', or cure_kernels.rgp_mask_ with "
-                         f"backend={backend!r} followed by torch.optim.SGD")
     if backend not in SGD_STEP_BACKENDS:
-        raise ValueError(f"unknown backend {backend!r} for rgp_sgd_step_; choose 'auto', 'reference' or 'triton'")
+        raise ValueError(f"unknown backend {backend!r} for rgp_sgd_step_; choose 'auto', "
+                         + ", ".join(repr(b) for b in SGD_STEP_BACKENDS))
     reason = backends.unavailable_reason(backend, device)
+    if reason is None and backend in ("cpu", "cuda") and not _cxx_has(backend.upper()):
+        reason = (f"the C++ extension has no {backend!r} kernel for rgp_sgd_step_ (built from older sources?); "
+                  f"rebuild it with: {backends.BUILD_COMMAND}")
     if reason is not None:
         raise ValueError(f"backend={backend!r} cannot run here: {reason}")
     return backend
@@ -144,7 +166,7 @@ def _resolve(backend: object, device: torch.device) -> str:
 def rgp_sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], grads_nat: Sequence[Tensor],
                   grads_adv: Sequence[Tensor], momentum_buffers: Sequence[Tensor], *, lr: float, momentum: float,
                   weight_decay: float, alpha: float, p: float, mask_mode: str = "grad",
-                  revision: Sequence[Tensor] | None = None, decay: float = 0.0,
+                  revision: Sequence[Tensor] | None = None, decay: float = 0.0, skip: Tensor | None = None,
                   backend: str = "auto") -> MaskStats:
     """CURE's conserve, update and revise steps (paper Eqs. 6 and 7) for a list of parameters, in place.
 
@@ -166,10 +188,14 @@ def rgp_sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], grads_nat: 
     3. Revise, when ``revision`` is given: ``rev = f32(decay)*rev + f32(1 - decay)*param`` with the new
        param as stored (the caller draws u < r and passes its warmed-up decay d_t; skip otherwise).
 
-    Non-finite scores: if any score of a tensor is NaN its threshold is NaN, nothing of it is masked
-    (or frozen), and the step is still applied to it. ``MaskStats.nonfinite`` reports NaN and +inf
-    scores, but only after the parameters have moved: a caller that skips such steps must decide
-    before calling (for example by checking the gradients), or keep copies to restore.
+    Skipping bad steps on the device: with ``skip`` given (a one-element tensor on the tensors' device,
+    for example ``~torch.isfinite(loss)``), the SGD update is not applied -- every param and momentum
+    buffer keeps its bits -- when ``skip`` is nonzero or when any score of the call is not finite (NaN
+    or infinite; ``MaskStats.nonfinite`` counts them). The decision is taken on the device, with no host
+    synchronisation. ``grads`` are still masked and the revision EMA still runs (with the unchanged
+    params), as a trainer that skips ``optimizer.step()`` and revises anyway would do.
+    Without ``skip``: if any score of a tensor is NaN its threshold is NaN, nothing of it is masked
+    (or frozen), and the step is still applied to it.
 
     Args:
         params: the parameters (modified in place; under grad mode the op runs as ``torch.no_grad``).
@@ -179,8 +205,9 @@ def rgp_sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], grads_nat: 
         lr, weight_decay: >= 0. momentum, alpha, p, decay: in [0, 1].
         mask_mode: "grad" or "update".
         revision: the revision model's parameters, one per param, or None for no revision update.
-        backend: "auto" (Triton on CUDA tensors when Triton is available, the reference elsewhere),
-            "reference" or "triton". The C++ backends ("cpu", "cuda") do not implement this op yet.
+        skip: None, or a one-element tensor on the tensors' device; see above.
+        backend: "auto" (the C++ kernel on CPU tensors, Triton on CUDA tensors when Triton is available,
+            else the C++ CUDA kernel), "reference", "cpu", "triton" or "cuda".
 
     Returns:
         :class:`~cure_kernels.MaskStats` as :func:`cure_kernels.rgp_mask_` returns it, on the tensors'
@@ -206,10 +233,18 @@ def rgp_sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], grads_nat: 
         for i, t in enumerate(tensors):
             if t.requires_grad:
                 raise ValueError(f"{name}[{i}] requires grad; it must be a plain state tensor")
-    name = _resolve(backend, grs[0].device if grs else torch.device("cpu"))
+    device = grs[0].device if grs else torch.device("cpu")
+    if skip is not None:
+        if not isinstance(skip, Tensor) or skip.numel() != 1 or skip.device != device or skip.is_complex():
+            raise ValueError(f"skip must be None or a one-element real tensor on {device} (for example "
+                             f"~torch.isfinite(loss)), got {skip!r}")
+        skip = skip.detach().reshape(())
+    name = _resolve(backend, device)
     if not grs:
         return MaskStats(*_mask_stats_like(grs))
-    op = torch.ops.cure.rgp_sgd_step_triton if name == "triton" else torch.ops.cure.rgp_sgd_step_reference
+    op = {"reference": torch.ops.cure.rgp_sgd_step_reference, "triton": torch.ops.cure.rgp_sgd_step_triton,
+          "cpu": getattr(torch.ops.cure, "rgp_sgd_step", None), "cuda": getattr(torch.ops.cure, "rgp_sgd_step", None)
+          }[name]
     with torch.no_grad():
-        out = op(prms, grs, gns, gas, bufs, revs, lr, momentum, weight_decay, alpha, p, mask_mode, decay)
+        out = op(prms, grs, gns, gas, bufs, revs, lr, momentum, weight_decay, alpha, p, mask_mode, decay, skip)
     return MaskStats(*out)

@@ -136,13 +136,16 @@ def _step_group(group: _Group, lists: list[list[Tensor]], revise: bool, scalars:
 def rgp_sgd_step_triton(params: list[Tensor], grads: list[Tensor], grads_nat: list[Tensor],
                         grads_adv: list[Tensor], momentum_buffers: list[Tensor], revision: list[Tensor],
                         lr: float, momentum: float, weight_decay: float, alpha: float, p: float,
-                        mask_mode: str, decay: float) -> tuple[Tensor, Tensor, Tensor]:
+                        mask_mode: str, decay: float, skip: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The fused step in place (module docstring); ``revision`` empty means no revision update.
 
     Arguments are checked by :func:`cure_kernels.rgp_sgd_step_` first. Returns ``(thresholds float32[T],
     kept int64[T], nonfinite int64[T])``, bit for bit :func:`cure_kernels.sgd_step.rgp_sgd_step_reference`,
     without a host synchronisation.
     """
+    if skip is not None:
+        raise NotImplementedError("rgp_sgd_step_: the Triton backend does not take skip= yet; "
+                                  "use backend='reference' or 'cpu'")
     num = len(params)
     device = params[0].device if num else torch.device("cpu")
     thresholds = torch.empty(num, dtype=torch.float32, device=device)
