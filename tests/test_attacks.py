@@ -268,12 +268,17 @@ def test_margin_loss_clamped_at_kappa():
 
 def test_kappa_stops_the_ascent_of_samples_beyond_the_confidence(model, batch):
     x, y = batch
+    # Inputs misclassified by various margins (a strong attack's output); kappa splits them in two.
+    x = pgd(model, x, y, eps=0.3, step_size=0.05, steps=10, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        margin = margin_loss(model(x), y)
+    kappa = float(margin.median())
+    beyond = margin > kappa  # no gradient through min(margin, kappa)
+    assert kappa > 0 and beyond.any() and (~beyond).any()
     x0 = x.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(margin_loss(model(x0), y, kappa=0.0).sum(), x0)
-    beyond = margin_loss(model(x), y) > 0  # already misclassified: no gradient with kappa = 0
-    assert beyond.any() and (~beyond).any()
+    (grad,) = torch.autograd.grad(margin_loss(model(x0), y, kappa=kappa).sum(), x0)
     expected = torch.minimum(torch.maximum(x + STEP * grad.sign(), x - EPS), x + EPS).clamp(0, 1)
-    got = pgd(model, x, y, eps=EPS, step_size=STEP, steps=1, loss="cw", kappa=0.0, random_start=False)
+    got = pgd(model, x, y, eps=EPS, step_size=STEP, steps=1, loss="cw", kappa=kappa, random_start=False)
     assert torch.equal(got, expected)
     assert torch.equal(got[beyond], x[beyond]) and not torch.equal(got[~beyond], x[~beyond])
 
