@@ -46,13 +46,19 @@ def _check(eps: float, step_size: float, steps: int, norm: str) -> None:
         raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
 
 
-def margin_loss(logits: Tensor, y: Tensor) -> Tensor:
-    """C&W margin per sample: max_{j != y} z_j - z_y (positive iff the sample is misclassified), float32."""
+def margin_loss(logits: Tensor, y: Tensor, kappa: float | None = None) -> Tensor:
+    """C&W margin per sample: max_{j != y} z_j - z_y (positive iff the sample is misclassified), float32.
+
+    With ``kappa`` the margin is clamped from above, min(margin, kappa): samples misclassified by more
+    than kappa contribute no gradient (Carlini & Wagner's confidence; the official CURE evaluation uses
+    kappa = 50 as -max(z_y - max_{j != y} z_j + kappa, 0), which differs from this by the constant kappa).
+    """
     z = logits.float()
     z_true = z.gather(1, y[:, None]).squeeze(1)
     # scatter rather than one_hot: one_hot validates the labels with a host read on some devices.
     z_other = z.scatter(1, y[:, None], float("-inf")).amax(dim=1)
-    return z_other - z_true
+    margin = z_other - z_true
+    return margin if kappa is None else margin.clamp(max=kappa)
 
 
 def _per_sample_norm(t: Tensor) -> Tensor:
@@ -138,13 +144,15 @@ def pgd(
     loss: str = "ce",
     random_start: bool = True,
     generator: torch.Generator | None = None,
+    kappa: float | None = None,
+    clip_start: bool = True,
 ) -> Tensor:
     """Projected gradient ascent on ``loss`` inside the ``norm`` ball of radius ``eps`` around x.
 
     Maximises, summed over the batch, either the cross-entropy CE(f(x_adv), y) (``loss="ce"``, Madry et
-    al. 2018) or the C&W margin max_{j != y} z_j - z_y (``loss="cw"``, Carlini & Wagner 2017), for
-    ``steps`` steps of the update in the module docstring, from a random point of the ball
-    (``random_start``) or from x itself.
+    al. 2018) or the C&W margin max_{j != y} z_j - z_y (``loss="cw"``, Carlini & Wagner 2017; clamped
+    at ``kappa`` when given), for ``steps`` steps of the update in the module docstring, from a random
+    point of the ball (``random_start``) or from x itself.
 
     Args:
         model: maps inputs in [0, 1] to logits.
@@ -153,6 +161,10 @@ def pgd(
         norm: "linf" or "l2"; loss: "ce" or "cw".
         random_start: start from a uniformly drawn point of the ball (L-inf) or a random L2 perturbation.
         generator: source of the random start (default: the global generator of x's device).
+        kappa: C&W confidence, only with ``loss="cw"``: the objective is min(margin, kappa).
+        clip_start: project the random start onto [0, 1] before the first gradient (default). False
+            takes the first gradient at the raw start x + noise, which may leave [0, 1], as the official
+            CURE evaluation does; every later iterate, and the result, is projected either way.
 
     Returns:
         x_adv, detached, in the ball and in [0, 1], with x's dtype and memory format.
@@ -160,6 +172,11 @@ def pgd(
     _check(eps, step_size, steps, norm)
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if kappa is not None:
+        if loss != "cw":
+            raise ValueError(f"kappa (the C&W confidence) needs loss='cw', got loss={loss!r}")
+        if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not kappa >= 0:
+            raise ValueError(f"kappa must be a number >= 0 or None, got {kappa!r}")
     if y.shape != x.shape[:1]:
         raise ValueError(
             f"y must hold one label per input: x has {x.shape[0]} inputs, y has shape {tuple(y.shape)}"
@@ -169,14 +186,15 @@ def pgd(
     with _EvalMode(model), torch.enable_grad():
         box = _box(x, eps, norm)
         x_adv = _random_start(x, eps, norm, generator) if random_start else x.clone()
-        x_adv = _project(x_adv, x, eps, norm, box)
+        if clip_start or steps == 0:
+            x_adv = _project(x_adv, x, eps, norm, box)
         for _ in range(steps):
             x_adv = x_adv.detach().requires_grad_(True)
             logits = model(x_adv)
             if loss == "ce":
                 objective = F.cross_entropy(logits.float(), y, reduction="sum")
             else:
-                objective = margin_loss(logits, y).sum()
+                objective = margin_loss(logits, y, kappa).sum()
             (grad,) = torch.autograd.grad(objective, x_adv)
             x_adv = _project(_ascent(x_adv.detach(), grad, step_size, norm), x, eps, norm, box)
     return x_adv.detach().to(x.dtype)

@@ -4,7 +4,9 @@
     cure train --method cure --dataset fashion-mnist --arch cnn --epochs 5 --init runs/st/last.pt \
         --out runs/cure
     cure train --out runs/cure --resume
+    cure train --method cure --dataset cifar10 --arch resnet18 --epochs 50 --print-config
     cure eval --checkpoint runs/cure/last.pt --attacks nat,pgd20,cw,aa --which both
+    cure eval --checkpoint runs/cure/last.pt --attacks nat,pgd20,cw --eval-protocol official
 
 Every bad argument is reported argparse-style (exit status 2) before any work starts.
 """
@@ -35,12 +37,18 @@ def _csv_list(kind):
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
-    from cure.config import DEVICES, LR_SCHEDULES, MASK_MODES, METHODS
+    from cure.config import DEVICES, EVAL_PROTOCOLS, LR_SCHEDULES, MASK_MODES, METHODS
 
     B = argparse.BooleanOptionalAction
     g = p.add_argument_group("run")
     g.add_argument(
-        "--out", required=True, type=Path, help="run directory (config, metrics, checkpoints, summary)"
+        "--out", type=Path, help="run directory (config, metrics, checkpoints, summary); required to train"
+    )
+    g.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved configuration as JSON (every value and its source: default, method "
+        "default, preset or command line) and exit without training or reading data",
     )
     g.add_argument(
         "--resume", action="store_true", help="continue the run in --out exactly where last.pt stopped"
@@ -99,6 +107,14 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-seed", type=int, help="seed of the validation split and the subsets")
     g.add_argument("--eval-attacks", type=_csv_list(str), help="final evaluation, e.g. nat,pgd20,cw,aa")
     g.add_argument("--eval-batch-size", type=int)
+    g.add_argument(
+        "--eval-protocol",
+        choices=EVAL_PROTOCOLS,
+        help="attack settings of validation and test evaluation: ours (default: PGD steps of eps/4, C&W "
+        "30 steps on the margin) or official (the official code's test.py: PGD-20 in steps of 0.003, C&W "
+        "margin clamped at kappa 50, 20 steps of 0.003, unclipped uniform start; the step stays 0.003 at "
+        "any eps, Fashion-MNIST's 0.1 included, as in their code)",
+    )
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int)
@@ -140,12 +156,21 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--init", help="checkpoint to start from (natural pre-training: DIR/last.pt of a --method st run)"
     )
     g.add_argument("--warmup-epochs", type=int, help="CURE-Eff: natural training for the first N of --epochs")
+    g.add_argument(
+        "--from-scratch",
+        action="store_true",
+        default=None,
+        help="start CURE from random weights on purpose (without it, --method cure needs --init or "
+        "--warmup-epochs: the method continues from a naturally trained network)",
+    )
 
 
-_NOT_CONFIG = {"command", "subparser", "out", "resume", "overwrite", "preset", "sync_bn"}
+_NOT_CONFIG = {"command", "subparser", "out", "resume", "overwrite", "preset", "sync_bn", "print_config"}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from cure.config import EVAL_PROTOCOLS
+
     parser = argparse.ArgumentParser(
         prog="cure", description="CURE (Conserve-Update-Revise) adversarial training"
     )
@@ -170,10 +195,42 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p_eval.add_argument("--data-root", help="dataset root (default: the run's)")
     p_eval.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
+    p_eval.add_argument(
+        "--eval-protocol",
+        choices=EVAL_PROTOCOLS,
+        help="ours or official (see `cure train --help`); default: the protocol the run was trained with",
+    )
     p_eval.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     p_eval.set_defaults(subparser=p_eval)
     sub.add_parser("presets", help="list the named presets and the sources of their values")
     return parser
+
+
+def _print_config(args: argparse.Namespace, explicit: dict[str, Any]) -> None:
+    """The resolved configuration as JSON: {field: {"value": ..., "source": ...}} (a resumed run: its saved
+    values, "saved run" or "command line"). Values left to the dataset or the epoch count (eps and
+    step_size None, lr_milestones None) are shown resolved, with the rule as their source."""
+    from cure.config import resolve_config_with_sources
+    from cure.data import DATASETS
+    from cure.train import resume_config
+
+    if args.resume:
+        cfg = resume_config(args.out, explicit)
+        sources = {k: ("command line" if k in explicit else f"saved run {args.out}") for k in cfg.to_dict()}
+    else:
+        cfg, sources = resolve_config_with_sources(
+            explicit, preset=args.preset if args.preset is not None else "auto"
+        )
+    values = cfg.to_dict()
+    spec = DATASETS[cfg.dataset]
+    for key in ("eps", "step_size"):
+        if values[key] is None:
+            values[key] = getattr(spec, key)
+            sources[key] = f"default for dataset {cfg.dataset}"
+    if values["lr_milestones"] is None and cfg.lr_schedule == "piecewise":
+        values["lr_milestones"] = list(cfg.resolved_milestones())
+        sources["lr_milestones"] = f"default (50 % and 75 % of {cfg.epochs} epochs)"
+    print(json.dumps({k: {"value": v, "source": sources[k]} for k, v in values.items()}, indent=2))
 
 
 def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -183,7 +240,12 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from cure.train import TrainingError, prepare_output_dir, resume_config, train
 
     explicit = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG and v is not None}
+    if args.out is None and (args.resume or not args.print_config):
+        parser.error("the following arguments are required: --out")
     try:
+        if args.print_config:
+            _print_config(args, explicit)
+            return 0
         if args.resume:
             if args.overwrite:
                 raise ConfigError("--resume and --overwrite contradict each other; pick one")
@@ -191,6 +253,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             cfg = resume_config(args.out, explicit)
         else:
             cfg = resolve_config(explicit, preset=args.preset if args.preset is not None else "auto")
+            cfg.check_starting_point()
             if cfg.init is not None and not Path(cfg.init).is_file():
                 raise ConfigError(
                     f"--init {cfg.init} does not exist (expected DIR/last.pt of `cure train --method st`)"
@@ -225,7 +288,7 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from cure.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_model
     from cure.config import TrainConfig
     from cure.data import DATASETS, deterministic_subset, load_split
-    from cure.evaluation import ATTACKS, evaluate
+    from cure.evaluation import ATTACKS, attack_settings, evaluate
     from cure.train import nrr, select_device
 
     for name in args.attacks:
@@ -243,6 +306,7 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except (CheckpointError, ValueError) as exc:
         parser.error(str(exc))
     cfg = TrainConfig.from_dict(state["config"])
+    protocol = args.eval_protocol or cfg.eval_protocol
     whiches = ("model", "revision") if args.which == "both" else (args.which,)
     if "revision" in whiches and state.get("revision") is None:
         if args.which == "revision":
@@ -268,6 +332,7 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             eps=eps,
             progress=args.progress,
             seed=args.seed,
+            protocol=protocol,
         )
         row: dict[str, float] = {f"{k}_acc": v for k, v in res.items()}
         if "nat" in res:
@@ -291,7 +356,7 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     keys = [k for k in titles if any(k in r for r in results.values())]
     print(
         f"{args.checkpoint}: {cfg.method} on {cfg.dataset} ({cfg.arch}), {len(labels)} test images, "
-        f"L-inf eps {eps:.4g}; accuracies in %"
+        f"L-inf eps {eps:.4g}, {protocol} evaluation protocol; accuracies in %"
     )
     print(f"{'model':<9}" + "".join(f"{titles[k]:>10}" for k in keys))
     for which, row in results.items():
@@ -307,6 +372,8 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "eps": eps,
         "test_images": int(len(labels)),
         "attacks": list(args.attacks),
+        "eval_protocol": protocol,
+        "attack_settings": attack_settings(tuple(args.attacks), eps, protocol),
         "seed": args.seed,
         **results,
     }
@@ -316,8 +383,12 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _presets() -> int:
-    from cure.config import PRESETS
+    from cure.config import METHOD_BETA, METHODS, PRESETS
 
+    print("every preset and dataset: beta (weight of the KL term) per method")
+    for method, (beta, source) in METHOD_BETA.items():
+        if method in METHODS:
+            print(f"    {method:<16} {beta!r:<24} {source}")
     for name, preset in PRESETS.items():
         print(f"{name}: {preset.description}")
         for key, value in preset.values.items():

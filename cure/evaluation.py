@@ -5,7 +5,8 @@
     res  # {"nat": 86.1, "pgd20": 54.3, "aa": 49.2}  (percent)
     nrr(res["nat"], res["pgd20"])
 
-Attacks (all L-inf, radius ``eps``, default the dataset's usual one, 8/255 for CIFAR and SVHN):
+Attacks (all L-inf, radius ``eps``, default the dataset's usual one, 8/255 for CIFAR and SVHN), under
+protocol "ours" (the default):
 
 * ``nat``: no attack.
 * ``pgd20`` / ``pgd100``: PGD on the cross-entropy, 20 / 100 steps of size eps/4 (2/255 at 8/255), from a
@@ -13,6 +14,22 @@ Attacks (all L-inf, radius ``eps``, default the dataset's usual one, 8/255 for C
 * ``cw``: PGD-30 on the C&W margin loss max_{j != y} z_j - z_y, step size eps/4, random start.
 * ``aa``: AutoAttack, version 'standard' (APGD-CE, APGD-T, FAB-T, Square; Croce & Hein 2020), run with
   the original authors' code (PyPI package ``pyautoattack``), norm 'Linf'.
+
+Protocol "official" reproduces the official CURE evaluation (its ``test.py`` calls
+``eval_adv_robustness`` of ``utilities/adv_utils.py`` with eps 8/255, 20 steps, step 0.003, random start):
+
+* ``pgd20``: 20 steps of 0.003 (an absolute step, whatever eps is) on the cross-entropy, from x plus
+  uniform noise in [-eps, eps] that is *not* clipped to [0, 1] before the first gradient (their code
+  clips only after each step);
+* ``cw``: their ``cnw`` attack: the same loop on the margin clamped at kappa = 50, i.e. the objective
+  min(max_{j != y} z_j - z_y, 50) (their loss -max(z_y - max_{j != y} z_j + 50, 0) up to a constant);
+* ``pgd100``: 100 such steps (their code has no PGD-100; this is its PGD-20 run longer);
+* ``nat`` and ``aa``: as above.
+
+At eps 8/255 twenty steps of 0.003 cover 0.06, about 1.9 eps. On Fashion-MNIST (eps 0.1) the official
+step would still be 0.003 -- their code takes the step as given, whatever eps is -- so the twenty steps
+cover only 0.6 eps and the attack relies on its random start to reach the boundary; that is what the
+protocol measures there.
 
 The PGD-type attacks run batch by batch with counts kept on the device (one host read at the end). The
 random starts come from a generator seeded with ``seed``, so results are reproducible. AutoAttack
@@ -30,13 +47,30 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from cure.attacks import pgd
+from cure.config import EVAL_PROTOCOLS
 from cure.data import DatasetSpec
 
-__all__ = ["ATTACKS", "PGD_STEPS", "CW_STEPS", "AA_CHUNK_BATCHES", "nrr", "evaluate"]
+__all__ = [
+    "ATTACKS",
+    "PGD_STEPS",
+    "CW_STEPS",
+    "OFFICIAL_STEP_SIZE",
+    "OFFICIAL_CW_STEPS",
+    "OFFICIAL_CW_KAPPA",
+    "AA_CHUNK_BATCHES",
+    "EVAL_PROTOCOLS",
+    "nrr",
+    "attack_settings",
+    "evaluate",
+]
 
 ATTACKS = ("nat", "pgd20", "pgd100", "cw", "aa")
 PGD_STEPS = {"pgd20": 20, "pgd100": 100}
 CW_STEPS = 30
+#: The official evaluation (test.py, utilities/adv_utils.py): absolute step, C&W steps and confidence.
+OFFICIAL_STEP_SIZE = 0.003
+OFFICIAL_CW_STEPS = 20
+OFFICIAL_CW_KAPPA = 50.0
 #: AutoAttack runs on chunks of this many evaluation batches (one progress-bar tick per chunk); inside a
 #: chunk it re-packs the still-robust samples into full batches after each of its attacks.
 AA_CHUNK_BATCHES = 8
@@ -47,6 +81,34 @@ def nrr(nat: float, rob: float) -> float:
     if nat + rob == 0:
         return 0.0
     return 2.0 * nat * rob / (nat + rob)
+
+
+def attack_settings(attacks: Sequence[str], eps: float, protocol: str = "ours") -> dict[str, dict]:
+    """How each PGD-type attack of ``attacks`` runs at radius ``eps`` under ``protocol``: the keyword
+    arguments of :func:`cure.attacks.pgd` beyond the model and data (recorded in summary.json/eval.json).
+    "nat" and "aa" have no such settings and are left out."""
+    if protocol not in EVAL_PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(map(repr, EVAL_PROTOCOLS))}, got {protocol!r}")
+    official = protocol == "official"
+    out: dict[str, dict] = {}
+    for name in attacks:
+        if name not in ("pgd20", "pgd100", "cw"):
+            continue
+        cw = name == "cw"
+        if official:
+            steps = OFFICIAL_CW_STEPS if cw else PGD_STEPS[name]
+        else:
+            steps = CW_STEPS if cw else PGD_STEPS[name]
+        out[name] = {
+            "eps": float(eps),
+            "step_size": OFFICIAL_STEP_SIZE if official else float(eps) / 4,
+            "steps": steps,
+            "loss": "cw" if cw else "ce",
+            "kappa": OFFICIAL_CW_KAPPA if (cw and official) else None,
+            "random_start": True,
+            "clip_start": not official,
+        }
+    return out
 
 
 def _to_unit(images: Tensor, device: torch.device, channels_last: bool) -> Tensor:
@@ -116,6 +178,7 @@ def evaluate(
     eps: float | None = None,
     progress: bool = True,
     seed: int = 0,
+    protocol: str = "ours",
 ) -> dict[str, float]:
     """Accuracy in percent of ``model`` on (images, labels) under each of ``attacks``.
 
@@ -133,6 +196,8 @@ def evaluate(
         eps: L-inf radius; default ``spec.eps``.
         progress: show a tqdm bar.
         seed: seeds the PGD random starts and AutoAttack.
+        protocol: "ours" or "official" (the official code's step 0.003 and clamped C&W margin; see the
+            module docstring and :func:`attack_settings`).
 
     Returns:
         {attack: accuracy in percent} in the order of ``attacks``.
@@ -160,7 +225,7 @@ def evaluate(
     eps = float(spec.eps if eps is None else eps)
     if not 0 <= eps <= 1:
         raise ValueError(f"eps must lie in [0, 1], got {eps}")
-    step_size = eps / 4
+    settings = attack_settings(attacks, eps, protocol)
     device = torch.device(device)
     channels_last = _uses_channels_last(model)
 
@@ -187,18 +252,7 @@ def evaluate(
                     if name == "nat":
                         x_eval = x
                     else:
-                        x_eval = pgd(
-                            model,
-                            x,
-                            y,
-                            eps=eps,
-                            step_size=step_size,
-                            steps=CW_STEPS if name == "cw" else PGD_STEPS[name],
-                            norm="linf",
-                            loss="cw" if name == "cw" else "ce",
-                            random_start=True,
-                            generator=generator,
-                        )
+                        x_eval = pgd(model, x, y, norm="linf", generator=generator, **settings[name])
                     with torch.no_grad():
                         correct[name] += (model(x_eval).argmax(dim=1) == y).sum()
         if "aa" in attacks:

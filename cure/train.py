@@ -32,6 +32,7 @@ correct counts summed.
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import io
@@ -43,7 +44,7 @@ import statistics
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ from cure.checkpoint import (
 )
 from cure.config import RESUMABLE_OVERRIDES, ConfigError, TrainConfig
 from cure.distributed import DistributedContext, all_reduce_sum_, broadcast_object
-from cure.evaluation import nrr
+from cure.evaluation import attack_settings, nrr
 from cure.methods import STEP_FUNCTIONS, StepResult, build_step_context
 
 __all__ = [
@@ -75,6 +76,7 @@ __all__ = [
     "results_table",
     "OUTPUT_NAMES",
     "METRIC_COLUMNS",
+    "RunState",
 ]
 
 #: What a run writes into its directory (``--overwrite`` removes exactly these).
@@ -108,6 +110,104 @@ METRIC_COLUMNS = (
     "epoch_seconds",
 )
 _SUM_FIELDS = ("loss", "correct_nat", "correct_adv", "skipped", "kept_fraction", "nonfinite")
+
+
+def _device_counter(section: str, *, per_epoch: bool):
+    """A 0-d int64 device counter (read on the host only at log points; saved as an int)."""
+    return field(default=None, metadata={"section": section, "per_epoch": per_epoch, "kind": "counter"})
+
+
+def _value(default, section: str, *, per_epoch: bool = False):
+    if isinstance(default, list):
+        return field(default_factory=list, metadata={"section": section, "per_epoch": per_epoch})
+    return field(default=default, metadata={"section": section, "per_epoch": per_epoch})
+
+
+@dataclass
+class RunState:
+    """Where a run stands, apart from modules, optimizer, scheduler and random generators: exactly what
+    a checkpoint needs to continue it bit for bit.
+
+    Each field's metadata says which checkpoint section holds it ("progress" or "trainer", the layout
+    of checkpoint format version 1) and whether it restarts with every epoch. Device tensors (the epoch
+    sums and the skipped-step counters) accumulate without host synchronisation; ``sums`` is saved
+    summed over the ranks of a data-parallel run, the counters as ints.
+    """
+
+    epoch: int = _value(0, "progress")  # epoch being trained (0-based)
+    batch: int = _value(0, "progress")  # next batch index within that epoch
+    step: int = _value(0, "progress")  # optimizer steps taken (skipped ones included)
+    history: list[dict[str, Any]] = _value([], "trainer")  # one metrics row per finished epoch
+    best: dict[str, Any] | None = _value(None, "trainer")  # {"epoch": 1-based, "key": [...], "row": {...}}
+    total_skipped: int = _value(0, "trainer")
+    train_seconds: float = _value(0.0, "trainer")
+    # per epoch
+    sums: Tensor | None = field(default=None, metadata={"section": "trainer", "per_epoch": True, "kind": "sums"})
+    consecutive_skipped: Tensor | None = _device_counter("trainer", per_epoch=True)
+    max_consecutive_skipped: Tensor | None = _device_counter("trainer", per_epoch=True)
+    epoch_images: int = _value(0, "trainer", per_epoch=True)
+    epoch_steps: int = _value(0, "trainer", per_epoch=True)
+    epoch_revisions: int = _value(0, "trainer", per_epoch=True)
+    epoch_seconds: float = _value(0.0, "trainer", per_epoch=True)
+    reported_skipped: int = _value(0, "trainer", per_epoch=True)  # skipped steps already warned about
+
+    @classmethod
+    def fresh(cls, device: torch.device) -> RunState:
+        state = cls()
+        state.reset_epoch(device)
+        return state
+
+    def reset_epoch(self, device: torch.device) -> None:
+        """Zero every per-epoch field (the device tensors on ``device``)."""
+        for f in fields(self):
+            if not f.metadata["per_epoch"]:
+                continue
+            kind = f.metadata.get("kind")
+            if kind == "sums":
+                value = torch.zeros(len(_SUM_FIELDS), dtype=torch.float64, device=device)
+            elif kind == "counter":
+                value = torch.zeros((), dtype=torch.int64, device=device)
+            else:
+                value = f.default
+            setattr(self, f.name, value)
+
+    def to_checkpoint(self, global_sums: Tensor) -> dict[str, dict[str, Any]]:
+        """{"progress": {...}, "trainer": {...}}; ``global_sums`` replaces ``sums`` (the sums over ranks)."""
+        out: dict[str, dict[str, Any]] = {"progress": {}, "trainer": {}}
+        for f in fields(self):
+            kind = f.metadata.get("kind")
+            value = getattr(self, f.name)
+            if kind == "sums":
+                value = global_sums.detach().cpu()
+            elif kind == "counter":
+                value = int(value)
+            elif isinstance(value, (list, dict)):
+                value = copy.deepcopy(value)
+            out[f.metadata["section"]][f.name] = value
+        return out
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any], device: torch.device) -> RunState:
+        """The inverse of :meth:`to_checkpoint` (the sums are the global ones; see ``_Trainer._restore``)."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            section = state[f.metadata["section"]]
+            if f.name not in section:
+                raise CheckpointError(f"the checkpoint's {f.metadata['section']!r} section lacks {f.name!r}")
+            value = section[f.name]
+            kind = f.metadata.get("kind")
+            if kind == "sums":
+                value = value.to(device=device, dtype=torch.float64)
+            elif kind == "counter":
+                value = torch.tensor(int(value), dtype=torch.int64, device=device)
+            elif f.type in ("int", int):
+                value = int(value)
+            elif f.type in ("float", float):
+                value = float(value)
+            elif isinstance(value, list):
+                value = list(value)
+            values[f.name] = value
+        return cls(**values)
 
 
 class TrainingError(RuntimeError):
@@ -251,6 +351,7 @@ def _evaluate(
                 eps=eps,
                 progress=progress,
                 seed=seed,
+                protocol=cfg.eval_protocol,
             )
     finally:
         module.train(was_training)
@@ -353,15 +454,7 @@ class _Trainer:
         self.lr_factor = _lr_factor(cfg, self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
 
-        # Loop state (all of it goes into checkpoints).
-        self.epoch = 0  # epoch being trained (0-based)
-        self.batch = 0  # next batch index within that epoch
-        self.step = 0  # optimizer steps taken (skipped ones included)
-        self.history: list[dict[str, Any]] = []
-        self.best: dict[str, Any] | None = None  # {"epoch": 1-based, "key": [...], "row": {...}}
-        self.total_skipped = 0
-        self.train_seconds = 0.0
-        self._reset_epoch_sums()
+        self.state = RunState.fresh(self.device)  # the loop state (all of it goes into checkpoints)
         if resume_state is not None:
             self._restore(resume_state)
         self._broadcast_weights()
@@ -390,35 +483,28 @@ class _Trainer:
         module.load_state_dict(state["model"])
 
     # --- state -----------------------------------------------------------------------------------
-    def _reset_epoch_sums(self) -> None:
-        self.sums = torch.zeros(len(_SUM_FIELDS), dtype=torch.float64, device=self.device)
-        self.consecutive_skipped = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.max_consecutive_skipped = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.epoch_images = 0
-        self.epoch_steps = 0
-        self.epoch_revisions = 0
-        self.epoch_seconds = 0.0
-        self.reported_skipped = 0
-
     def _global_sums(self) -> Tensor:
         """The epoch sums over all ranks (a collective in data-parallel runs: call it on every rank).
 
         Loss, skips, kept fraction and non-finite counts are identical on every rank (computed from
         reduced values) and are averaged; the correct-prediction counts are per shard and are summed.
         """
+        sums = self.state.sums
         if not self.dist.enabled:
-            return self.sums
+            return sums
         weights = torch.tensor(
             [1.0 if f.startswith("correct") else 1.0 / self.dist.world_size for f in _SUM_FIELDS],
-            dtype=self.sums.dtype,
-            device=self.sums.device,
+            dtype=sums.dtype,
+            device=sums.device,
         )
-        total = self.sums * weights
+        total = sums * weights
         all_reduce_sum_([total], self.dist)
         return total
 
     def state_dict(self) -> dict[str, Any]:
         generators = {"attack": self.attack_generator, "revision": self.revision_generator}
+        sections = self.state.to_checkpoint(self._global_sums())
+        sections["progress"]["cure_step"] = self.ctx.cure_step
         return {
             "format": FORMAT,
             "version": VERSION,
@@ -427,27 +513,8 @@ class _Trainer:
             "revision": self.revision.state_dict() if self.revision is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "progress": {
-                "epoch": self.epoch,
-                "batch": self.batch,
-                "step": self.step,
-                "cure_step": self.ctx.cure_step,
-            },
+            **sections,
             "rng": capture_rng(generators),
-            "trainer": {
-                "sums": self._global_sums().cpu(),
-                "consecutive_skipped": int(self.consecutive_skipped),
-                "max_consecutive_skipped": int(self.max_consecutive_skipped),
-                "epoch_images": self.epoch_images,
-                "epoch_steps": self.epoch_steps,
-                "epoch_revisions": self.epoch_revisions,
-                "epoch_seconds": self.epoch_seconds,
-                "reported_skipped": self.reported_skipped,
-                "history": self.history,
-                "best": self.best,
-                "total_skipped": self.total_skipped,
-                "train_seconds": self.train_seconds,
-            },
             "distributed": {"world_size": self.dist.world_size},
             "environment": {
                 "torch": str(torch.__version__),
@@ -464,16 +531,13 @@ class _Trainer:
             self.revision.load_state_dict(state["revision"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        prog = state["progress"]
-        self.epoch, self.batch, self.step = int(prog["epoch"]), int(prog["batch"]), int(prog["step"])
-        self.ctx.cure_step = int(prog["cure_step"])
+        self.state = RunState.from_checkpoint(state, self.device)
+        self.ctx.cure_step = int(state["progress"]["cure_step"])
         restore_rng(state["rng"], {"attack": self.attack_generator, "revision": self.revision_generator})
-        tr = state["trainer"]
-        self.sums = tr["sums"].to(self.device)
         if self.dist.enabled and not self.dist.is_main:  # the saved counts are global: rank 0 carries them
             for i, f in enumerate(_SUM_FIELDS):
                 if f.startswith("correct"):
-                    self.sums[i] = 0
+                    self.state.sums[i] = 0
         saved_world = int(state.get("distributed", {}).get("world_size", 1))
         if saved_world != self.dist.world_size and self.dist.is_main:
             warnings.warn(
@@ -483,13 +547,6 @@ class _Trainer:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        self.consecutive_skipped.fill_(int(tr["consecutive_skipped"]))
-        self.max_consecutive_skipped.fill_(int(tr["max_consecutive_skipped"]))
-        self.epoch_images, self.epoch_steps = int(tr["epoch_images"]), int(tr["epoch_steps"])
-        self.epoch_revisions, self.epoch_seconds = int(tr["epoch_revisions"]), float(tr["epoch_seconds"])
-        self.reported_skipped = int(tr["reported_skipped"])
-        self.history, self.best = list(tr["history"]), tr["best"]
-        self.total_skipped, self.train_seconds = int(tr["total_skipped"]), float(tr["train_seconds"])
 
     def save(self, name: str) -> None:
         """Write a checkpoint (rank 0 only; every rank must call it, the epoch sums are reduced)."""
@@ -520,23 +577,24 @@ class _Trainer:
                 result.nonfinite.double(),
             ]
         )
-        self.sums += values
-        self.consecutive_skipped = (self.consecutive_skipped + 1) * result.skipped.long()
-        self.max_consecutive_skipped = torch.maximum(self.max_consecutive_skipped, self.consecutive_skipped)
+        self.state.sums += values
+        st = self.state
+        st.consecutive_skipped = (st.consecutive_skipped + 1) * result.skipped.long()
+        st.max_consecutive_skipped = torch.maximum(st.max_consecutive_skipped, st.consecutive_skipped)
 
     def _sync(self, bar, writer) -> dict[str, float]:
         """Read the device counters (the only host synchronisation of the loop) and act on them."""
         sums = dict(zip(_SUM_FIELDS, self._global_sums().tolist()))
-        worst = int(self.max_consecutive_skipped)
+        worst = int(self.state.max_consecutive_skipped)
         skipped = int(sums["skipped"])
-        if skipped > self.reported_skipped:
+        if skipped > self.state.reported_skipped:
             warnings.warn(
-                f"epoch {self.epoch + 1}: skipped {skipped - self.reported_skipped} step(s) whose loss or "
+                f"epoch {self.state.epoch + 1}: skipped {skipped - self.state.reported_skipped} step(s) whose loss or "
                 f"prominence scores were not finite (NaN/inf); the weights were left unchanged",
                 RuntimeWarning,
                 stacklevel=2,
             )
-            self.reported_skipped = skipped
+            self.state.reported_skipped = skipped
         if worst > self.cfg.max_skipped_steps:
             raise TrainingError(
                 f"training diverged: {worst} consecutive steps had a non-finite loss or non-finite "
@@ -544,32 +602,32 @@ class _Trainer:
                 f"The last good checkpoint is "
                 f"{self.out / 'last.pt'}; lower --lr, turn off --amp, or check the data"
             )
-        steps = max(self.epoch_steps, 1)
+        steps = max(self.state.epoch_steps, 1)
         live = {
             "loss": sums["loss"] / steps,
-            "nat": 100.0 * sums["correct_nat"] / max(self.epoch_images, 1),
-            "adv": 100.0 * sums["correct_adv"] / max(self.epoch_images, 1),
+            "nat": 100.0 * sums["correct_nat"] / max(self.state.epoch_images, 1),
+            "adv": 100.0 * sums["correct_adv"] / max(self.state.epoch_images, 1),
         }
         if bar is not None:
             bar.set_postfix({k: f"{v:.3f}" if k == "loss" else f"{v:.1f}%" for k, v in live.items()})
         if writer is not None:
-            writer.add_scalar("train_running/loss", live["loss"], self.step)
-            writer.add_scalar("train_running/lr", self.optimizer.param_groups[0]["lr"], self.step)
+            writer.add_scalar("train_running/loss", live["loss"], self.state.step)
+            writer.add_scalar("train_running/lr", self.optimizer.param_groups[0]["lr"], self.state.step)
         return sums
 
     def train_epoch(self, writer, stop_after_step: int | None) -> bool:
         """Train the rest of the current epoch. Returns False when stopped early by ``stop_after_step``."""
         cfg = self.cfg
-        stage = self.stage(self.epoch)
+        stage = self.stage(self.state.epoch)
         step_fn = STEP_FUNCTIONS[stage]
-        self.ctx.revision_rate = self._revision_rate(self.epoch)
-        if stage == "cure" and self.revision is not None and self.ctx.cure_step == 0 and self.batch == 0:
+        self.ctx.revision_rate = self._revision_rate(self.state.epoch)
+        if stage == "cure" and self.revision is not None and self.ctx.cure_step == 0 and self.state.batch == 0:
             self.revision.copy_from_model()  # the CURE stage starts: theta_rev = theta (after a warm-up)
-        generator = torch.Generator().manual_seed(derived_seed(cfg.seed, "data", self.epoch))
+        generator = torch.Generator().manual_seed(derived_seed(cfg.seed, "data", self.state.epoch))
         bar = tqdm(
             total=self.steps_per_epoch,
-            initial=self.batch,
-            desc=f"epoch {self.epoch + 1}/{cfg.epochs} [{stage}]",
+            initial=self.state.batch,
+            desc=f"epoch {self.state.epoch + 1}/{cfg.epochs} [{stage}]",
             disable=not (cfg.progress and self.dist.is_main),
             leave=False,
             dynamic_ncols=True,
@@ -577,32 +635,32 @@ class _Trainer:
         )
         start = time.perf_counter()
         try:
-            for x, y in self.loader.epoch(generator, start_batch=self.batch):
+            for x, y in self.loader.epoch(generator, start_batch=self.state.batch):
                 if self.channels_last and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
                 if self.dist.enabled:  # per-rank attack noise, a function of (seed, rank, step)
-                    seed = derived_seed(cfg.seed, "attack", self.dist.rank, self.step)
+                    seed = derived_seed(cfg.seed, "attack", self.dist.rank, self.state.step)
                     self.attack_generator.manual_seed(seed)
                 result = step_fn(self.ctx, x, y)
                 self.scheduler.step()
                 self._record(result)
-                self.batch += 1
-                self.step += 1
-                self.epoch_steps += 1
-                self.epoch_images += len(y) * self.dist.world_size
-                self.epoch_revisions += int(result.revised)
+                self.state.batch += 1
+                self.state.step += 1
+                self.state.epoch_steps += 1
+                self.state.epoch_images += len(y) * self.dist.world_size
+                self.state.epoch_revisions += int(result.revised)
                 bar.update(1)
-                if self.step % cfg.log_every == 0:
+                if self.state.step % cfg.log_every == 0:
                     self._sync(bar, writer)
-                end_of_epoch = self.batch == self.steps_per_epoch
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not end_of_epoch:
-                    self.epoch_seconds += time.perf_counter() - start
+                end_of_epoch = self.state.batch == self.steps_per_epoch
+                if cfg.checkpoint_every and self.state.step % cfg.checkpoint_every == 0 and not end_of_epoch:
+                    self.state.epoch_seconds += time.perf_counter() - start
                     start = time.perf_counter()
                     self.save("last.pt")
-                if stop_after_step is not None and self.step >= stop_after_step and not end_of_epoch:
+                if stop_after_step is not None and self.state.step >= stop_after_step and not end_of_epoch:
                     return False
         finally:
-            self.epoch_seconds += time.perf_counter() - start
+            self.state.epoch_seconds += time.perf_counter() - start
             bar.close()
         return True
 
@@ -610,20 +668,20 @@ class _Trainer:
         """Validation, the metrics row, TensorBoard, checkpoints. Moves on to the next epoch."""
         cfg = self.cfg
         sums = self._sync(None, None)
-        stage = self.stage(self.epoch)
-        images = max(self.epoch_images, 1)
+        stage = self.stage(self.state.epoch)
+        images = max(self.state.epoch_images, 1)
         row: dict[str, Any] = {
-            "epoch": self.epoch + 1,
+            "epoch": self.state.epoch + 1,
             "stage": stage,
-            "lr": cfg.lr * self.lr_factor(self.step - 1),  # the lr of the epoch's last step
-            "train_loss": sums["loss"] / max(self.epoch_steps, 1),
+            "lr": cfg.lr * self.lr_factor(self.state.step - 1),  # the lr of the epoch's last step
+            "train_loss": sums["loss"] / max(self.state.epoch_steps, 1),
             # ST steps see no adversarial examples and AT steps no natural forward pass: not measured.
             "train_nat_acc": None if stage == "at" else 100.0 * sums["correct_nat"] / images,
             "train_adv_acc": None if stage == "st" else 100.0 * sums["correct_adv"] / images,
-            "kept_fraction": sums["kept_fraction"] / max(self.epoch_steps, 1),
+            "kept_fraction": sums["kept_fraction"] / max(self.state.epoch_steps, 1),
             "skipped_steps": int(sums["skipped"]),
             "nonfinite_scores": int(sums["nonfinite"]),
-            "revision_updates": self.epoch_revisions,
+            "revision_updates": self.state.epoch_revisions,
         }
         val = _evaluate(
             self.module,
@@ -662,10 +720,10 @@ class _Trainer:
                     "rev_val_nrr": nrr(rval["nat"], rval["pgd20"]),
                 }
             )
-        row["epoch_seconds"] = self.epoch_seconds
-        self.total_skipped += int(sums["skipped"])
-        self.train_seconds += self.epoch_seconds
-        self.history.append(row)
+        row["epoch_seconds"] = self.state.epoch_seconds
+        self.state.total_skipped += int(sums["skipped"])
+        self.state.train_seconds += self.state.epoch_seconds
+        self.state.history.append(row)
         if writer is not None and self.dist.is_main:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "epoch":
@@ -674,14 +732,14 @@ class _Trainer:
         # Model selection on the validation split: PGD-20 (natural accuracy breaks ties);
         # for ST natural accuracy.
         key = [row["val_nat_acc"]] if cfg.method == "st" else [row["val_pgd20_acc"], row["val_nat_acc"]]
-        improved = self.best is None or key > self.best["key"]
+        improved = self.state.best is None or key > self.state.best["key"]
         if improved:
-            self.best = {"epoch": row["epoch"], "key": key, "row": row}
-        self.epoch += 1
-        self.batch = 0
-        self._reset_epoch_sums()
+            self.state.best = {"epoch": row["epoch"], "key": key, "row": row}
+        self.state.epoch += 1
+        self.state.batch = 0
+        self.state.reset_epoch(self.device)
         if self.dist.is_main:
-            _write_metrics(self.out / "metrics.csv", self.history)
+            _write_metrics(self.out / "metrics.csv", self.state.history)
         self.save("last.pt")
         if improved:
             self.save("best.pt")
@@ -737,8 +795,8 @@ def _final_evaluation(trainer: _Trainer) -> dict[str, Any]:
     results["last"] = _evaluate(trainer.module, data.test_x, data.test_y, **kw)
     if trainer.revision is not None:
         results["rev_last"] = _evaluate(trainer.revision.module, data.test_x, data.test_y, **kw)
-    best_epoch = trainer.best["epoch"]
-    if best_epoch == len(trainer.history):  # the best epoch is the last one: same weights
+    best_epoch = trainer.state.best["epoch"]
+    if best_epoch == len(trainer.state.history):  # the best epoch is the last one: same weights
         results["best"] = results["last"]
         if trainer.revision is not None:
             results["rev_best"] = results["rev_last"]
@@ -762,9 +820,9 @@ def _load_on_rank0(path: Path, dist: DistributedContext) -> dict[str, Any]:
 
 def _summary(trainer: _Trainer, results: dict[str, Any]) -> dict[str, Any]:
     cfg = trainer.cfg
-    last_epoch, best_epoch = len(trainer.history), trainer.best["epoch"]
+    last_epoch, best_epoch = len(trainer.state.history), trainer.state.best["epoch"]
     images = cfg.epochs * trainer.steps_per_epoch * cfg.batch_size
-    kept = [row["kept_fraction"] for row in trainer.history if row["stage"] == "cure" and cfg.uses_mask]
+    kept = [row["kept_fraction"] for row in trainer.state.history if row["stage"] == "cure" and cfg.uses_mask]
     summary: dict[str, Any] = {
         "method": cfg.method,
         "dataset": cfg.dataset,
@@ -780,13 +838,18 @@ def _summary(trainer: _Trainer, results: dict[str, Any]) -> dict[str, Any]:
         "eps": trainer.eps,
         "step_size": trainer.step_size,
         "attack_steps": cfg.attack_steps,
+        "beta": cfg.beta,
+        "eval_protocol": cfg.eval_protocol,
+        "eval_attack_settings": attack_settings(
+            tuple(dict.fromkeys(("nat", "pgd20") + tuple(cfg.eval_attacks))), trainer.eps, cfg.eval_protocol
+        ),
         "train_images": int(len(trainer.data.train_y)),
         "val_images": int(len(trainer.data.val_y)),
         "test_images": int(len(trainer.data.test_y)),
         "device": str(trainer.device),
-        "skipped_steps": trainer.total_skipped,
-        "train_seconds": trainer.train_seconds,
-        "train_images_per_second": images / trainer.train_seconds if trainer.train_seconds > 0 else None,
+        "skipped_steps": trainer.state.total_skipped,
+        "train_seconds": trainer.state.train_seconds,
+        "train_images_per_second": images / trainer.state.train_seconds if trainer.state.train_seconds > 0 else None,
         "selection": "validation nat acc" if cfg.method == "st" else "validation pgd20 acc",
         # Mean fraction of gradient entries the RGP mask let through in the CURE epochs (1: no masking).
         "mean_kept_fraction": statistics.fmean(kept) if kept else 1.0,
@@ -916,6 +979,8 @@ def train(
     out = Path(out)
     if cfg is None and not resume:
         raise ConfigError("a configuration is needed for a new run")
+    if not resume:
+        cfg.check_starting_point()
     created = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     device = cfg.device if cfg is not None else "auto"
     if cfg is None and (out / "config.json").is_file():  # resume: the saved device picks the backend
@@ -959,7 +1024,7 @@ def _train(cfg, out, resume, overwrite, stop_after_step, echo, sync_bn, dist: Di
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(
-                log_dir=str(out / "tensorboard"), purge_step=trainer.step if resume else None
+                log_dir=str(out / "tensorboard"), purge_step=trainer.state.step if resume else None
             )
         try:
             if echo:
@@ -969,18 +1034,18 @@ def _train(cfg, out, resume, overwrite, stop_after_step, echo, sync_bn, dist: Di
                     f"images, {trainer.steps_per_epoch} steps/epoch, {cfg.epochs} epochs, device "
                     f"{trainer.device}"
                     + (f", {dist.world_size} processes" if dist.enabled else "")
-                    + (f", resuming at epoch {trainer.epoch + 1} batch {trainer.batch}" if resume else ""),
+                    + (f", resuming at epoch {trainer.state.epoch + 1} batch {trainer.state.batch}" if resume else ""),
                     flush=True,
                 )
-            while trainer.epoch < cfg.epochs:
-                if trainer.batch < trainer.steps_per_epoch:
+            while trainer.state.epoch < cfg.epochs:
+                if trainer.state.batch < trainer.steps_per_epoch:
                     if not trainer.train_epoch(writer, stop_after_step):
                         trainer.save("last.pt")
                         return None
                 row = trainer.end_epoch(writer)
                 if echo:
                     print(_epoch_line(row, cfg.epochs), flush=True)
-                if stop_after_step is not None and trainer.step >= stop_after_step:
+                if stop_after_step is not None and trainer.state.step >= stop_after_step:
                     return None
             results = _final_evaluation(trainer)
         finally:

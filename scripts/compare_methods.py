@@ -101,6 +101,7 @@ def render(runs: Path) -> str:
         (name, json.loads((_run_dir(runs, name) / "summary.json").read_text())) for name, _ in VARIANTS
     ]
     cfg = json.loads((_run_dir(runs, "CURE") / "config.json").read_text())
+    trades_beta = json.loads((_run_dir(runs, "TRADES") / "config.json").read_text())["beta"]
     test_images = summaries[-1][1]["test_images"]
     lines = [
         "# Fashion-MNIST: ST, AT, TRADES, CURE and CURE's ablations (CPU, equal budget)",
@@ -116,7 +117,8 @@ def render(runs: Path) -> str:
         f"SGD lr {cfg['lr']} "
         f"(momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}, {cfg['lr_schedule']} schedule), "
         f"batch {cfg['batch_size']}, L-inf eps {cfg['eps']}, {cfg['attack_steps']} attack steps of "
-        f"{cfg['step_size']}; TRADES/CURE beta {cfg['beta']}; CURE p {cfg['p']}, alpha {cfg['alpha']}, "
+        f"{cfg['step_size']}; beta: TRADES {trades_beta}, CURE {cfg['beta']}; CURE p {cfg['p']}, "
+        f"alpha {cfg['alpha']}, "
         f"gamma {cfg['gamma']}, r {cfg['revision_rate']}, d {cfg['revision_decay']}, mask mode "
         f"'{cfg['mask_mode']}'.",
         "",

@@ -253,3 +253,62 @@ def test_no_host_sync_on_gpu(model, batch):
             trades_pgd(model, x, eps=EPS, step_size=STEP, steps=3, norm=norm, generator=g)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_margin_loss_clamped_at_kappa():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, -1.0, 0.0], [0.0, 70.0, 1.0]])
+    y = torch.tensor([1, 2, 2])
+    assert margin_loss(logits, y).tolist() == [-1.0, 5.0, 69.0]
+    assert margin_loss(logits, y, kappa=50.0).tolist() == [-1.0, 5.0, 50.0]
+    # The official loss -max(z_y - max_{j != y} z_j + kappa, 0) is the clamped margin minus kappa.
+    z_other = logits.scatter(1, y[:, None], float("-inf")).amax(1)
+    official = -torch.clamp(logits.gather(1, y[:, None]).squeeze(1) - z_other + 50.0, min=0.0)
+    assert torch.equal(margin_loss(logits, y, kappa=50.0) - 50.0, official)
+
+
+def test_kappa_stops_the_ascent_of_samples_beyond_the_confidence(model, batch):
+    x, y = batch
+    # Inputs misclassified by various margins (a strong attack's output); kappa splits them in two.
+    x = pgd(model, x, y, eps=0.3, step_size=0.05, steps=10, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        margin = margin_loss(model(x), y)
+    kappa = float(margin.median())
+    beyond = margin > kappa  # no gradient through min(margin, kappa)
+    assert kappa > 0 and beyond.any() and (~beyond).any()
+    x0 = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(margin_loss(model(x0), y, kappa=kappa).sum(), x0)
+    expected = torch.minimum(torch.maximum(x + STEP * grad.sign(), x - EPS), x + EPS).clamp(0, 1)
+    got = pgd(model, x, y, eps=EPS, step_size=STEP, steps=1, loss="cw", kappa=kappa, random_start=False)
+    assert torch.equal(got, expected)
+    assert torch.equal(got[beyond], x[beyond]) and not torch.equal(got[~beyond], x[~beyond])
+
+
+@pytest.mark.parametrize("clip_start", [True, False])
+def test_random_start_clipping_before_the_first_gradient(model, batch, clip_start):
+    x, y = batch
+    assert float(x.min()) == 0.0  # pixels at the box's edge: the raw start leaves [0, 1]
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(4))
+    start = x + (2.0 * u - 1.0) * EPS
+    if clip_start:
+        start = torch.minimum(torch.maximum(start, x - EPS), x + EPS).clamp(0, 1)
+    assert (float(start.min()) < 0.0) == (not clip_start)
+    start.requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(start), y, reduction="sum"), start)
+    expected = torch.minimum(torch.maximum(start + STEP * grad.sign(), x - EPS), x + EPS).clamp(0, 1)
+    got = pgd(
+        model, x, y, eps=EPS, step_size=STEP, steps=1, generator=torch.Generator().manual_seed(4),
+        clip_start=clip_start,
+    )  # fmt: skip
+    assert torch.equal(got, expected.detach())
+    _check_constraints(got, x, "linf", EPS)
+    # No steps: the start itself is returned, projected either way (the result always lies in [0, 1]).
+    only_start = pgd(model, x, y, eps=EPS, step_size=STEP, steps=0, clip_start=False)
+    _check_constraints(only_start, x, "linf", EPS)
+
+
+def test_kappa_argument_errors(model, batch):
+    x, y = batch
+    with pytest.raises(ValueError, match="kappa .* needs loss='cw'"):
+        pgd(model, x, y, eps=EPS, step_size=STEP, steps=1, loss="ce", kappa=50.0)
+    with pytest.raises(ValueError, match="kappa must be a number >= 0"):
+        pgd(model, x, y, eps=EPS, step_size=STEP, steps=1, loss="cw", kappa=-1.0)

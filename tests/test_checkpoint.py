@@ -18,36 +18,21 @@ from cure.checkpoint import (
     load_model,
     restore_rng,
 )
-from cure.config import resolve_config
 from cure.data import DATASETS
 from cure.train import train
 
-TINY = dict(
-    dataset="fashion-mnist",
-    arch="cnn",
-    epochs=1,
-    batch_size=32,
-    train_samples=64,
-    val_size=16,
-    eval_samples=16,
-    attack_steps=1,
-    progress=False,
-    kernel_backend="auto",
-    device="cpu",
-)
-
 
 @pytest.fixture(scope="module")
-def cure_run(tmp_path_factory):
+def cure_run(tmp_path_factory, tiny_config):
     out = tmp_path_factory.mktemp("cure_run")
-    train(resolve_config({**TINY, "method": "cure"}), out, echo=False)
+    train(tiny_config(method="cure"), out, echo=False)
     return out
 
 
 @pytest.fixture(scope="module")
-def st_run(tmp_path_factory):
+def st_run(tmp_path_factory, tiny_config):
     out = tmp_path_factory.mktemp("st_run")
-    train(resolve_config({**TINY, "method": "st"}), out, echo=False)
+    train(tiny_config(method="st"), out, echo=False)
     return out
 
 

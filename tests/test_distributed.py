@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import TINY_RUN
 from torch import distributed as tdist
 from torch import nn
 
@@ -29,21 +30,9 @@ from cure.distributed import DistributedContext, all_reduce_mean_
 from cure.methods import build_step_context, cure_step
 
 WORLD = 2
-TINY = dict(
-    dataset="fashion-mnist",
-    arch="cnn",
-    epochs=1,
-    batch_size=16,
-    train_samples=64,
-    val_size=16,
-    eval_samples=16,
-    attack_steps=2,
-    progress=False,
-    kernel_backend="auto",
-    device="cpu",
-    revision_rate=0.5,
-    log_every=1,
-)
+#: The shared tiny configuration (tests/conftest.py; the spawned workers cannot take fixtures) with
+#: global batches of 16, two attack steps and host reads every step.
+TINY = dict(TINY_RUN, batch_size=16, attack_steps=2, revision_rate=0.5, log_every=1)
 
 
 def _init(rank: int, store_path: str) -> DistributedContext:

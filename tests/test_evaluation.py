@@ -8,7 +8,17 @@ import torch.nn.functional as F
 
 from cure.attacks import pgd
 from cure.data import DatasetSpec
-from cure.evaluation import ATTACKS, CW_STEPS, PGD_STEPS, evaluate, nrr
+from cure.evaluation import (
+    ATTACKS,
+    CW_STEPS,
+    OFFICIAL_CW_KAPPA,
+    OFFICIAL_CW_STEPS,
+    OFFICIAL_STEP_SIZE,
+    PGD_STEPS,
+    attack_settings,
+    evaluate,
+    nrr,
+)
 from cure.models import build_model
 
 SPEC = DatasetSpec("toy", 10, (1, 12, 12), (0.4,), (0.3,), 0.1, 0.025, "none")
@@ -190,3 +200,61 @@ def test_argument_errors(model):
         evaluate(model, images, labels[:3], attacks=("nat",), **kw)
     with pytest.raises(ValueError, match="eps"):
         evaluate(model, images, labels, attacks=("nat",), eps=2.0, **kw)
+
+
+def _official_loop(model, x, y, *, eps, steps, step_size, noise, loss):
+    """The official evaluation's attack loop (utilities/adv_utils.py: _pgd_whitebox and cnw), written out:
+    x + uniform noise in [-eps, eps] (not clipped), then per step: ascent on the batch-mean CE (or the
+    summed C&W loss -max(z_y - max_{j != y} z_j + 50, 0)) by step_size * sign(grad), delta clamped to
+    [-eps, eps], the point clamped to [0, 1]."""
+    x_pgd = x + noise
+    for _ in range(steps):
+        x_pgd = x_pgd.detach().requires_grad_(True)
+        out = model(x_pgd)
+        if loss == "ce":
+            objective = F.cross_entropy(out, y)
+        else:
+            real = out.gather(1, y[:, None]).squeeze(1)
+            other = out.scatter(1, y[:, None], float("-inf")).amax(1)
+            objective = -torch.clamp(real - other + 50.0, min=0.0).sum()
+        (grad,) = torch.autograd.grad(objective, x_pgd)
+        x_pgd = x_pgd.detach() + step_size * grad.sign()
+        x_pgd = torch.clamp(x + torch.clamp(x_pgd - x, -eps, eps), 0.0, 1.0)
+    return x_pgd
+
+
+@pytest.mark.parametrize("eps", [8 / 255, 0.1])
+def test_official_protocol_reproduces_the_official_attacks(model, eps):
+    images, labels = _sample(32, seed=11)
+    x = images.float() / 255
+    kw = dict(spec=SPEC, batch_size=64, device="cpu", progress=False, eps=eps, seed=7)
+    for name, steps, loss in (("pgd20", 20, "ce"), ("cw", 20, "cw")):
+        got = evaluate(model, images, labels, attacks=(name,), protocol="official", **kw)  # one draw of noise
+        u = torch.rand(x.shape, generator=torch.Generator().manual_seed(7))
+        x_adv = _official_loop(
+            model, x, labels, eps=eps, steps=steps, step_size=0.003, noise=(2 * u - 1) * eps, loss=loss
+        )
+        assert float((x_adv - x).abs().max()) <= eps + 1e-6 and 0 <= float(x_adv.min()) <= float(x_adv.max()) <= 1
+        with torch.no_grad():
+            direct = 100.0 * (model(x_adv).argmax(1) == labels).float().mean().item()
+        assert got[name] == pytest.approx(direct), name
+
+
+def test_attack_settings_of_both_protocols():
+    eps = 8 / 255
+    ours = attack_settings(("nat", "pgd20", "pgd100", "cw", "aa"), eps)
+    assert list(ours) == ["pgd20", "pgd100", "cw"]  # nat and aa have no PGD settings
+    assert ours["pgd20"] == {
+        "eps": eps, "step_size": eps / 4, "steps": 20, "loss": "ce", "kappa": None, "random_start": True,
+        "clip_start": True,
+    }  # fmt: skip
+    assert ours["cw"]["steps"] == CW_STEPS and ours["cw"]["kappa"] is None and ours["pgd100"]["steps"] == 100
+    official = attack_settings(("pgd20", "pgd100", "cw"), eps, "official")
+    assert {k: v["step_size"] for k, v in official.items()} == dict.fromkeys(official, OFFICIAL_STEP_SIZE)
+    assert OFFICIAL_STEP_SIZE == 0.003 and OFFICIAL_CW_STEPS == 20 and OFFICIAL_CW_KAPPA == 50.0
+    assert official["cw"]["kappa"] == 50.0 and official["cw"]["steps"] == 20 and official["pgd100"]["steps"] == 100
+    assert not any(v["clip_start"] for v in official.values())
+    # On Fashion-MNIST (eps 0.1) the official step stays 0.003, as in the official code.
+    assert attack_settings(("pgd20",), 0.1, "official")["pgd20"]["step_size"] == 0.003
+    with pytest.raises(ValueError, match="protocol must be one of 'ours', 'official'"):
+        attack_settings(("pgd20",), eps, "theirs")

@@ -15,24 +15,11 @@ import pytest
 import torch
 
 from cure.checkpoint import CheckpointError, load_checkpoint
-from cure.config import resolve_config
 from cure.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(
-    dataset="fashion-mnist",
-    arch="cnn",
-    epochs=2,
-    batch_size=32,
-    train_samples=160,
-    val_size=16,
-    eval_samples=16,
-    attack_steps=2,
-    progress=False,
-    kernel_backend="auto",
-    device="cpu",
-    revision_rate=0.5,
-)
+#: This file's runs: the shared tiny configuration with two epochs of five steps and two attack steps.
+RESUME = dict(epochs=2, train_samples=160, attack_steps=2, revision_rate=0.5)
 _TIMING = {"epoch_seconds", "train_seconds", "train_images_per_second"}
 
 
@@ -49,7 +36,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert sa["progress"] == sb["progress"]
     with open(a / "metrics.csv") as fa, open(b / "metrics.csv") as fb:
         ra, rb = list(csv.DictReader(fa)), list(csv.DictReader(fb))
-    assert len(ra) == len(rb) == TINY["epochs"]
+    assert len(ra) == len(rb) == RESUME["epochs"]
     for x, y in zip(ra, rb):
         assert {k: v for k, v in x.items() if k not in _TIMING} == {
             k: v for k, v in y.items() if k not in _TIMING
@@ -66,8 +53,8 @@ def _assert_same_run(a: Path, b: Path) -> None:
     [dict(method="cure"), dict(method="cure", warmup_epochs=1, mask_mode="update"), dict(method="at")],
     ids=["cure", "cure-eff-update", "at"],
 )
-def test_resume_mid_epoch_is_exact(tmp_path, kw):
-    cfg = resolve_config({**TINY, **kw, "checkpoint_every": 3})
+def test_resume_mid_epoch_is_exact(tmp_path, kw, tiny_config):
+    cfg = tiny_config(**{**RESUME, **kw, "checkpoint_every": 3})
     train(cfg, tmp_path / "whole", echo=False)
     assert train(cfg, tmp_path / "split", stop_after_step=7, echo=False) is None
     progress = load_checkpoint(tmp_path / "split" / "last.pt")["progress"]
@@ -77,8 +64,8 @@ def test_resume_mid_epoch_is_exact(tmp_path, kw):
     _assert_same_run(tmp_path / "whole", tmp_path / "split")
 
 
-def test_resume_after_a_completed_epoch_and_of_a_finished_run(tmp_path):
-    cfg = resolve_config({**TINY, "method": "trades"})
+def test_resume_after_a_completed_epoch_and_of_a_finished_run(tmp_path, tiny_config):
+    cfg = tiny_config(**RESUME, method="trades")
     train(cfg, tmp_path / "whole", echo=False)
     assert train(cfg, tmp_path / "split", stop_after_step=5, echo=False) is None
     assert load_checkpoint(tmp_path / "split" / "last.pt")["progress"]["batch"] == 0
@@ -88,8 +75,8 @@ def test_resume_after_a_completed_epoch_and_of_a_finished_run(tmp_path):
     assert summary["pgd20_acc"] == json.loads((tmp_path / "whole" / "summary.json").read_text())["pgd20_acc"]
 
 
-def test_resume_from_a_corrupt_checkpoint_names_the_file(tmp_path):
-    cfg = resolve_config({**TINY, "method": "st", "epochs": 1})
+def test_resume_from_a_corrupt_checkpoint_names_the_file(tmp_path, tiny_config):
+    cfg = tiny_config(**{**RESUME, "method": "st", "epochs": 1})
     train(cfg, tmp_path / "r", echo=False)
     last = tmp_path / "r" / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])
@@ -101,7 +88,7 @@ def _cli(out: Path, *extra: str) -> list[str]:
     options = (
         "--method cure --dataset fashion-mnist --arch cnn --epochs 2 --batch-size 32 --train-samples 320 "
         "--val-size 16 --eval-samples 16 --attack-steps 2 --revision-rate 0.5 --device cpu --no-progress "
-        "--checkpoint-every 3"
+        "--checkpoint-every 3 --from-scratch"
     ).split()
     return [sys.executable, "-m", "cure", "train", *options, "--out", str(out), *extra]
 

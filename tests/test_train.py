@@ -9,27 +9,20 @@ import math
 import pytest
 import torch
 
-from cure.config import ConfigError, TrainConfig, resolve_config
+from cure.checkpoint import CheckpointError
+from cure.config import ConfigError, TrainConfig
 from cure.train import METRIC_COLUMNS, TrainingError, nrr, results_table, train
 
-TINY = dict(
-    dataset="fashion-mnist",
-    arch="cnn",
-    epochs=2,
-    batch_size=32,
-    train_samples=128,
-    val_size=16,
-    eval_samples=16,
-    attack_steps=2,
-    lr=0.05,
-    progress=False,
-    kernel_backend="auto",
-    device="cpu",
-)
+#: This file's runs: the shared tiny configuration with two epochs of four steps and two attack steps.
+TRAIN = dict(epochs=2, train_samples=128, attack_steps=2, lr=0.05)
 
 
-def tiny(**kw) -> TrainConfig:
-    return resolve_config({**TINY, **kw})
+@pytest.fixture
+def tiny(tiny_config):
+    def make(**kw) -> TrainConfig:
+        return tiny_config(**{**TRAIN, **kw})
+
+    return make
 
 
 def _rows(path):
@@ -38,7 +31,7 @@ def _rows(path):
 
 
 @pytest.mark.parametrize("method", ["st", "at", "trades", "cure"])
-def test_each_method_writes_a_complete_run_directory(tmp_path, method, capsys):
+def test_each_method_writes_a_complete_run_directory(tmp_path, method, capsys, tiny):
     out = tmp_path / method
     summary = train(tiny(method=method), out)
     for name in ("config.json", "metrics.csv", "summary.json", "last.pt", "best.pt"):
@@ -116,7 +109,7 @@ def test_nrr_and_table():
     assert "53.33" in table
 
 
-def test_cure_eff_warmup_then_cure_stage(tmp_path):
+def test_cure_eff_warmup_then_cure_stage(tmp_path, tiny):
     summary = train(tiny(method="cure", epochs=3, warmup_epochs=1), tmp_path / "eff", echo=False)
     rows = _rows(tmp_path / "eff" / "metrics.csv")
     assert [r["stage"] for r in rows] == ["st", "cure", "cure"]
@@ -125,7 +118,7 @@ def test_cure_eff_warmup_then_cure_stage(tmp_path):
     assert summary["warmup_epochs"] == 1
 
 
-def test_init_from_a_natural_checkpoint(tmp_path):
+def test_init_from_a_natural_checkpoint(tmp_path, tiny):
     train(tiny(method="st", epochs=1), tmp_path / "st", echo=False)
     cfg = tiny(method="cure", epochs=1, init=str(tmp_path / "st" / "last.pt"))
     train(cfg, tmp_path / "cure", echo=False)
@@ -133,7 +126,7 @@ def test_init_from_a_natural_checkpoint(tmp_path):
         train(tiny(method="cure", init=str(tmp_path / "missing.pt")), tmp_path / "x", echo=False)
 
 
-def test_best_epoch_is_chosen_on_validation_not_test(tmp_path):
+def test_best_epoch_is_chosen_on_validation_not_test(tmp_path, tiny):
     summary = train(tiny(method="trades", epochs=3), tmp_path / "r", echo=False)
     rows = _rows(tmp_path / "r" / "metrics.csv")
     keys = [(float(r["val_pgd20_acc"]), float(r["val_nat_acc"])) for r in rows]
@@ -142,7 +135,7 @@ def test_best_epoch_is_chosen_on_validation_not_test(tmp_path):
     assert state["progress"]["epoch"] == summary["best_epoch"]
 
 
-def test_divergence_stops_with_a_clear_message(tmp_path):
+def test_divergence_stops_with_a_clear_message(tmp_path, tiny):
     cfg = tiny(
         method="st", lr=1e12, momentum=0.0, max_skipped_steps=2, log_every=1, epochs=2, train_samples=256
     )
@@ -152,7 +145,7 @@ def test_divergence_stops_with_a_clear_message(tmp_path):
     assert (tmp_path / "div" / "config.json").is_file()
 
 
-def test_output_directory_rules(tmp_path):
+def test_output_directory_rules(tmp_path, tiny):
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
@@ -166,7 +159,7 @@ def test_output_directory_rules(tmp_path):
         train(tiny(method="st", epochs=1, lr=0.5), out, resume=True, echo=False)
 
 
-def test_piecewise_and_cosine_schedules(tmp_path):
+def test_piecewise_and_cosine_schedules(tmp_path, tiny):
     train(tiny(method="st", epochs=4, lr_milestones=(2, 3), lr=0.1), tmp_path / "pw", echo=False)
     lrs = [float(r["lr"]) for r in _rows(tmp_path / "pw" / "metrics.csv")]
     assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.001])
@@ -177,7 +170,7 @@ def test_piecewise_and_cosine_schedules(tmp_path):
     assert lrs[1] == pytest.approx(0.05 * (1 + math.cos(math.pi * (2 * steps - 1) / (2 * steps))))
 
 
-def test_cw_evaluation_and_its_nrr_in_the_summary(tmp_path):
+def test_cw_evaluation_and_its_nrr_in_the_summary(tmp_path, tiny):
     summary = train(
         tiny(method="st", epochs=1, eval_attacks=("nat", "pgd20", "cw")), tmp_path / "cw", echo=False
     )
@@ -186,14 +179,14 @@ def test_cw_evaluation_and_its_nrr_in_the_summary(tmp_path):
     assert "C&W" in results_table(summary)
 
 
-def test_late_decay_of_the_revision_rate(tmp_path):
+def test_late_decay_of_the_revision_rate(tmp_path, tiny):
     cfg = tiny(method="cure", revision_rate=1.0, revision_rate_decay_epoch=1, revision_rate_decay_factor=0.0)
     train(cfg, tmp_path / "r", echo=False)
     rows = _rows(tmp_path / "r" / "metrics.csv")
     assert [int(r["revision_updates"]) for r in rows] == [128 // 32, 0]
 
 
-def test_out_of_memory_suggests_a_smaller_batch(tmp_path, monkeypatch):
+def test_out_of_memory_suggests_a_smaller_batch(tmp_path, monkeypatch, tiny):
     import cure.train as train_module
 
     def oom(ctx, x, y):
@@ -205,6 +198,86 @@ def test_out_of_memory_suggests_a_smaller_batch(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_compiled_model_trains(tmp_path):
+def test_compiled_model_trains(tmp_path, tiny):
     summary = train(tiny(method="cure", epochs=1, compile=True), tmp_path / "compiled", echo=False)
     assert summary["epochs"] == 1 and 0 <= summary["pgd20_acc"] <= 100
+
+
+def test_cure_needs_a_natural_starting_point(tmp_path, tiny):
+    out = tmp_path / "cure"
+    with pytest.raises(ConfigError, match="naturally trained network") as info:
+        train(tiny(method="cure", from_scratch=False), out, echo=False)
+    message = str(info.value)
+    assert "cure train --method st" in message and "--init runs/st/last.pt" in message
+    assert "--warmup-epochs" in message and "--from-scratch" in message
+    assert not out.exists()  # refused before the run directory was made
+    with pytest.raises(ConfigError, match="contradicts init"):
+        tiny(method="cure", from_scratch=True, init=str(tmp_path / "st.pt"))
+    # The other methods start from random weights by definition; CURE-Eff's warm-up is a starting point.
+    tiny(method="trades", from_scratch=False).check_starting_point()
+    tiny(method="cure", from_scratch=False, warmup_epochs=1).check_starting_point()
+
+
+def test_tensorboard_events_hold_the_epoch_and_running_scalars(tmp_path, tiny):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    train(tiny(method="trades", log_every=1), out, echo=False)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"epoch/val_pgd20_acc", "epoch/train_loss", "train_running/loss", "train_running/lr"} <= tags
+    rows = _rows(out / "metrics.csv")
+    logged = events.Scalars("epoch/val_pgd20_acc")
+    assert [e.step for e in logged] == [1, 2]
+    assert [e.value for e in logged] == pytest.approx([float(r["val_pgd20_acc"]) for r in rows], abs=1e-4)
+    running = events.Scalars("train_running/loss")
+    assert [e.step for e in running] == list(range(1, 2 * 128 // 32 + 1))  # log_every=1: every step
+    assert all(math.isfinite(e.value) for e in running)
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_bars_go_to_stderr_when_enabled(tmp_path, tiny, capsys, progress):
+    train(tiny(method="st", epochs=1, progress=progress), tmp_path / "bar", echo=False)
+    err = capsys.readouterr().err
+    assert ("epoch 1/1 [st]" in err) == progress  # the training bar
+    assert ("eval nat,pgd20" in err) == progress  # the final evaluation's bar
+
+
+def test_summary_records_the_evaluation_protocol_and_beta(tmp_path, tiny):
+    summary = train(
+        tiny(method="trades", epochs=1, eval_protocol="official", eval_attacks=("nat", "pgd20", "cw")),
+        tmp_path / "official",
+        echo=False,
+    )
+    assert summary["eval_protocol"] == "official" and summary["beta"] == 6.0
+    settings = summary["eval_attack_settings"]
+    assert settings["pgd20"]["step_size"] == 0.003 and settings["pgd20"]["steps"] == 20
+    assert settings["cw"]["kappa"] == 50.0 and settings["cw"]["steps"] == 20
+    assert json.loads((tmp_path / "official" / "summary.json").read_text())["eval_protocol"] == "official"
+    ours = train(tiny(method="st", epochs=1), tmp_path / "ours", echo=False)
+    assert ours["eval_protocol"] == "ours"
+    assert ours["eval_attack_settings"]["pgd20"]["step_size"] == pytest.approx(0.1 / 4)
+
+
+def test_run_state_round_trips_through_a_checkpoint_section():
+    from cure.train import RunState
+
+    state = RunState.fresh(torch.device("cpu"))
+    state.epoch, state.batch, state.step, state.epoch_images = 2, 3, 11, 96
+    state.sums += torch.arange(len(state.sums), dtype=torch.float64)
+    state.max_consecutive_skipped.fill_(4)
+    state.history.append({"epoch": 1, "val_nat_acc": 50.0})
+    state.best = {"epoch": 1, "key": [50.0], "row": state.history[0]}
+    sections = state.to_checkpoint(state.sums)
+    assert set(sections["progress"]) == {"epoch", "batch", "step"}
+    assert sections["trainer"]["max_consecutive_skipped"] == 4
+    back = RunState.from_checkpoint(sections, torch.device("cpu"))
+    for name in ("epoch", "batch", "step", "history", "best", "epoch_images", "reported_skipped"):
+        assert getattr(back, name) == getattr(state, name), name
+    assert torch.equal(back.sums, state.sums) and int(back.max_consecutive_skipped) == 4
+    back.reset_epoch(torch.device("cpu"))
+    assert back.epoch_images == 0 and not back.sums.any() and back.step == 11 and back.history
+    del sections["trainer"]["epoch_seconds"]
+    with pytest.raises(CheckpointError, match="epoch_seconds"):
+        RunState.from_checkpoint(sections, torch.device("cpu"))
