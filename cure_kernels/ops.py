@@ -14,8 +14,9 @@ functions work under ``torch.compile(fullgraph=True)``.
 Like PyTorch's own in-place ops, every op bumps the version counter of each tensor it writes, so
 autograd refuses a backward pass that would read a value saved before the op overwrote it. The
 Python ops get this from ``torch.library.custom_op`` (``mutates_args``); the C++ ops get it from an
-``ADInplaceOrView`` kernel registered below for each of them, which bumps every argument the schema
-marks as written (``Tensor(a!)[]``) and redispatches to the CPU or CUDA kernel.
+``ADInplaceOrView`` kernel registered below for each of them (``cure::rgp_mask``, ``cure::revise``,
+``cure::rgp_sgd_step``), which bumps every argument the schema marks as written (``Tensor(a!)[]``)
+and redispatches to the CPU or CUDA kernel.
 
 Host synchronisation: :mod:`cure_kernels.backends` states when each backend waits for the device.
 """
@@ -38,7 +39,8 @@ available_backends = backends.available_backends
 
 
 class MaskStats(NamedTuple):
-    """Per-tensor results of :func:`rgp_mask_`, on the tensors' device (no host synchronisation).
+    """Per-tensor results of :func:`rgp_mask_`, on the tensors' device (returning them takes no host
+    synchronisation; :mod:`cure_kernels.backends` says when a backend synchronises anyway).
 
     thresholds: float32[T], each tensor's p-quantile of the scores (NaN for an empty tensor or
         when a score is NaN). kept: int64[T], entries not zeroed. nonfinite: int64[T], scores that

@@ -112,17 +112,22 @@ def test_capture_with_create_graph_and_several_parameters_per_dtype():
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
 def test_capture_restores_grad_when_the_backward_raises():
-    model, loss_nat, _, _ = _model_and_losses(4)
-    masker = ck.ProminenceMasker(model.parameters(), alpha=0.1, p=0.3)
+    model, loss_nat, loss_rob, _ = _model_and_losses(4)
+    params = list(model.parameters())
+    g_rob = torch.autograd.grad(loss_rob, params, retain_graph=True)
+    masker = ck.ProminenceMasker(params, alpha=0.1, p=0.3)
     masker.zero_grad()
-    loss_nat.backward(retain_graph=False)  # frees the graph: a second backward raises
-    updates = [q.grad.clone() for q in masker.params]
+    loss_nat.backward()  # frees the graph: a second backward raises
+    updates = [q.grad.clone() for q in params]
     for create_graph in (False, True):
         with pytest.raises(RuntimeError, match="backward through the graph a second time"):
-            with masker.capture("nat"):
-                loss_nat.backward(create_graph=create_graph)
-        for q, view, before in zip(masker.params, masker.updates, updates):
+            with masker.capture("adv"):
+                loss_rob.backward(create_graph=create_graph, retain_graph=True)  # lands in the buffers ...
+                loss_nat.backward(create_graph=create_graph)  # ... then this raises
+        for q, view, before in zip(params, masker.updates, updates):
             assert q.grad is view and torch.equal(q.grad, before)
+        for got, expected in zip(masker.grads_adv, g_rob):
+            torch.testing.assert_close(got, expected)
 
 
 def test_backend_is_checked_at_construction():
