@@ -25,7 +25,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from itertools import chain
-from operator import attrgetter
+from operator import add, attrgetter, le
 
 import torch
 from torch import Tensor
@@ -174,17 +174,24 @@ def _check_written(names: Sequence[str], tls: list[list[Tensor]], written: Seque
                     f"writes it in place: Inplace update to inference tensor outside InferenceMode is not "
                     f"allowed; clone it outside inference mode to get a normal tensor, or call the op inside "
                     f"torch.inference_mode()")
+    # Fast path: every written tensor contiguous; sorted by address, each must end before the next begins.
+    if all(all(map(Tensor.is_contiguous, tls[k])) for k in written):
+        starts = list(chain.from_iterable(map(Tensor.data_ptr, tls[k]) for k in written))
+        sizes = list(chain.from_iterable(map(_nbytes, tls[k]) for k in written))
+        if 0 not in sizes:  # (an empty tensor may sit at any address)
+            order = sorted(zip(starts, map(add, starts, sizes)))
+            if all(map(le, [end for _, end in order[:-1]], [start for start, _ in order[1:]])):
+                return
+    _check_written_spans(names, tls, written)
+
+
+def _check_written_spans(names: Sequence[str], tls: list[list[Tensor]], written: Sequence[int]) -> None:
     spans = []  # (first byte, one past the last byte, dense, list, index) of every non-empty written tensor
     for k in written:
-        tl = tls[k]
-        if all(map(Tensor.is_contiguous, tl)):
-            spans.extend((p, p + n, True, k, i) for i, (p, n) in enumerate(zip(map(Tensor.data_ptr, tl),
-                                                                               map(_nbytes, tl))) if n)
-        else:
-            spans.extend(_strided_span(names[k], i, t) + (k, i) for i, t in enumerate(tl) if t.numel())
+        spans.extend((_strided_span(names[k], i, t) if not t.is_contiguous()
+                      else (t.data_ptr(), t.data_ptr() + t.nbytes, True)) + (k, i)
+                     for i, t in enumerate(tls[k]) if t.numel())
     spans.sort()
-    if all(a[1] <= b[0] for a, b in zip(spans, spans[1:])):
-        return  # byte ranges pairwise disjoint
     active: list[tuple] = []  # spans that reach past the current start
     for span in spans:
         active = [a for a in active if a[1] > span[0]]
