@@ -2,6 +2,19 @@
 
 Everything is probed once, at import, so that choosing a backend inside ``torch.compile`` reads
 constants only.
+
+When each backend synchronises the host with the device (waits for queued device work):
+
+* ``reference``: on every call. It computes the quantiles with numpy, so it copies the scores to the
+  host; the statistics it returns are built on the host and copied back.
+* ``triton``: ``rgp_mask_`` and ``rgp_sgd_step_`` build per-tensor tables (offsets, ranks, interpolation
+  weights) on the host and copy them to the device with ``torch.tensor(..., device=...)``, a blocking
+  copy that waits for the current stream. This happens on the first call for each combination of
+  device, ``p`` and per-tensor dtypes and sizes; the tables are then cached (the 32 most recently used
+  combinations), so a training loop with a fixed ``p`` pays it once, and a ``p`` that changes every step
+  pays it every step. ``revise_`` never synchronises.
+* ``cpu`` and ``cuda`` (the C++ ops): never. On CPU tensors everything runs on the calling thread
+  anyway; the CUDA kernels take every table from the shapes and launch on the current stream.
 """
 
 from __future__ import annotations
@@ -14,59 +27,89 @@ import torch
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 BUILD_COMMAND = "pip install --no-build-isolation -e .   (from the repository root)"
+CXX_OPS = ("rgp_mask", "revise", "rgp_sgd_step")  # the C++ op names (csrc/cure_ops.cpp)
+
+# The backend "auto" picks, per device type: the first of the row that can run here.
+#
+# * cpu: the C++ kernel (ResNet-18's 62 tensors masked in 29.5 ms on 2 cores, where the official
+#   code's masking takes 330 ms: bench/results/mask_cpu.csv); the reference, a numpy round trip per
+#   tensor meant as the oracle, only when the extension is not built.
+# * cuda: no measurement on a GPU exists yet, so this order is not a speed ranking. Triton comes first
+#   because it is tested bit for bit against the reference end to end (in Triton's interpreter), while
+#   the C++ CUDA kernels run here only in an emulation harness; the C++ CUDA kernels come next because,
+#   like Triton, they never synchronise with the host; the reference, which synchronises on every
+#   call, is the last resort. Revisit this row with bench/bench_mask.py on a GPU.
+# * any other device type: the reference (the only backend that runs there).
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("triton", "cuda", "reference"),
+}
 
 
 @dataclass(frozen=True)
 class _Probe:
     extension_error: str | None  # why cure_kernels._C could not be imported, or None
-    extension_has_cpu: bool  # the extension registered CPU kernels
-    extension_has_cuda: bool  # the extension registered CUDA kernels
+    extension_has_cpu: bool  # the extension registered CPU kernels (of cure::rgp_mask)
+    extension_has_cuda: bool  # the extension registered CUDA kernels (of cure::rgp_mask)
+    cxx_kernels: frozenset[tuple[str, str]]  # (op, dispatch key) pairs with a registered C++ kernel
     triton_error: str | None  # why Triton cannot be imported, or None
     triton_interpret: bool  # TRITON_INTERPRET=1: Triton kernels run on CPU tensors
     cuda_device: bool  # torch sees a CUDA GPU
 
 
 def _probe() -> _Probe:
+    kernels: set[tuple[str, str]] = set()
     try:
         from cure_kernels import _C  # noqa: F401  (imported for its op registrations)
 
         extension_error = None
-        has_cpu, has_cuda = (torch._C._dispatch_has_kernel_for_dispatch_key("cure::rgp_mask", key)
-                             for key in ("CPU", "CUDA"))
+        for op in CXX_OPS:
+            for key in ("CPU", "CUDA"):
+                if (hasattr(torch.ops.cure, op)
+                        and torch._C._dispatch_has_kernel_for_dispatch_key(f"cure::{op}", key)):
+                    kernels.add((op, key))
     except ImportError as exc:
         extension_error = f"the C++ extension cure_kernels._C is not built ({exc}); build it with: {BUILD_COMMAND}"
-        has_cpu = has_cuda = False
     if importlib.util.find_spec("triton") is None:
         triton_error = "Triton is not installed (pip install triton; it ships with CUDA builds of PyTorch)"
     else:
         triton_error = None
-    return _Probe(extension_error, has_cpu, has_cuda, triton_error,
-                  os.environ.get("TRITON_INTERPRET", "0") == "1", torch.cuda.is_available())
+    return _Probe(extension_error, ("rgp_mask", "CPU") in kernels, ("rgp_mask", "CUDA") in kernels,
+                  frozenset(kernels), triton_error, os.environ.get("TRITON_INTERPRET", "0") == "1",
+                  torch.cuda.is_available())
 
 
 PROBE = _probe()
 
 
-def unavailable_reason(backend: str, device: torch.device) -> str | None:
-    """Why ``backend`` cannot run on tensors on ``device``; None if it can."""
+def _runnable_elsewhere(backend: str, device: torch.device, op: str) -> str:
+    """' use X or Y' naming the backends other than ``backend`` that can run on ``device``."""
+    others = [b for b in BACKENDS if b != backend and _reason(b, device, op, name_others=False) is None]
+    return "use " + " or ".join(repr(b) for b in others) if others else "no backend runs there"
+
+
+def unavailable_reason(backend: str, device: torch.device, op: str = "rgp_mask") -> str | None:
+    """Why ``backend`` cannot run ``op`` (a name of :data:`CXX_OPS`) on tensors on ``device``; None if it can."""
+    return _reason(backend, device, op, name_others=True)
+
+
+def _reason(backend: str, device: torch.device, op: str, name_others: bool) -> str | None:
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; choose one of 'auto', " + ", ".join(repr(b) for b in BACKENDS)
     if backend == "reference":
         return None
-    if backend == "cpu":
-        if device.type != "cpu":
-            return f"backend 'cpu' runs on CPU tensors, but the tensors are on {device}; use 'cuda' or 'triton'"
-        if PROBE.extension_error is None and not PROBE.extension_has_cpu:
-            return "the C++ extension has no CPU kernels registered; rebuild it with: " + BUILD_COMMAND
-        return PROBE.extension_error
-    if backend == "cuda":
-        if device.type != "cuda":
-            return f"backend 'cuda' runs on CUDA tensors, but the tensors are on {device}; use 'cpu'"
-        if PROBE.extension_error:
+    if backend in ("cpu", "cuda"):
+        if device.type != backend:
+            return (f"backend {backend!r} runs on {backend.upper()} tensors, but the tensors are on {device}"
+                    + ("; " + _runnable_elsewhere(backend, device, op) if name_others else ""))
+        if PROBE.extension_error is not None:
             return PROBE.extension_error
-        if not PROBE.extension_has_cuda:
-            return ("the C++ extension was built without its CUDA kernels (no CUDA toolkit at build time, "
-                    "or CURE_SKIP_CUDA_BUILD=1); rebuild with: CUDA_HOME=/usr/local/cuda " + BUILD_COMMAND)
+        if (op, backend.upper()) not in PROBE.cxx_kernels:
+            if backend == "cuda" and ("rgp_mask", "CUDA") not in PROBE.cxx_kernels:
+                return ("the C++ extension was built without its CUDA kernels (no CUDA toolkit at build time, "
+                        "or CURE_SKIP_CUDA_BUILD=1); rebuild with: CUDA_HOME=/usr/local/cuda " + BUILD_COMMAND)
+            return (f"the C++ extension has no {backend.upper()} kernel of cure::{op} (built from older sources?); "
+                    f"rebuild it with: {BUILD_COMMAND}")
         return None
     # triton
     if PROBE.triton_error:
@@ -78,26 +121,24 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
             return None
         return ("backend 'triton' needs CUDA tensors; on CPU tensors it runs only in Triton's interpreter "
                 "(set TRITON_INTERPRET=1 before Python starts; slow, meant for tests)")
-    return f"backend 'triton' does not run on {device} tensors"
+    return (f"backend 'triton' does not run on {device} tensors"
+            + ("; " + _runnable_elsewhere(backend, device, op) if name_others else ""))
 
 
-def auto_backend(device: torch.device) -> str:
-    """The fastest backend measured for ``device`` among those that can run here.
-
-    The CUDA kernels stay out of this choice until they are measured on a GPU (see bench/).
-    """
-    if device.type == "cpu":
-        return "cpu" if unavailable_reason("cpu", device) is None else "reference"
-    if device.type == "cuda" and unavailable_reason("triton", device) is None:
-        return "triton"
+def auto_backend(device: torch.device, op: str = "rgp_mask") -> str:
+    """The backend ``backend="auto"`` runs ``op`` with on ``device``: the first of :data:`AUTO_ORDER`'s
+    row for the device type that can run here (the comment above the table says why that order)."""
+    for backend in AUTO_ORDER.get(device.type, ("reference",)):
+        if unavailable_reason(backend, device, op) is None:
+            return backend
     return "reference"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``backend`` ("auto" or a name) to a backend that can run on ``device``, or raise."""
+def resolve_backend(backend: str, device: torch.device, op: str = "rgp_mask") -> str:
+    """Map ``backend`` ("auto" or a name) to a backend that can run ``op`` on ``device``, or raise."""
     if backend == "auto":
-        return auto_backend(device)
-    reason = unavailable_reason(backend, device)
+        return auto_backend(device, op)
+    reason = unavailable_reason(backend, device, op)
     if reason is not None:
         raise ValueError(f"backend={backend!r} cannot run here: {reason}")
     return backend

@@ -10,6 +10,15 @@ One op name per operation and backend family:
 
 Every op mutates its first tensor list in place and has a fake implementation, so the public
 functions work under ``torch.compile(fullgraph=True)``.
+
+Like PyTorch's own in-place ops, every op bumps the version counter of each tensor it writes, so
+autograd refuses a backward pass that would read a value saved before the op overwrote it. The
+Python ops get this from ``torch.library.custom_op`` (``mutates_args``); the C++ ops get it from an
+``ADInplaceOrView`` kernel registered below for each of them (``cure::rgp_mask``, ``cure::revise``,
+``cure::rgp_sgd_step``), which bumps every argument the schema marks as written (``Tensor(a!)[]``)
+and redispatches to the CPU or CUDA kernel.
+
+Host synchronisation: :mod:`cure_kernels.backends` states when each backend waits for the device.
 """
 
 from __future__ import annotations
@@ -30,7 +39,8 @@ available_backends = backends.available_backends
 
 
 class MaskStats(NamedTuple):
-    """Per-tensor results of :func:`rgp_mask_`, on the tensors' device (no host synchronisation).
+    """Per-tensor results of :func:`rgp_mask_`, on the tensors' device (returning them takes no host
+    synchronisation; :mod:`cure_kernels.backends` says when a backend synchronises anyway).
 
     thresholds: float32[T], each tensor's p-quantile of the scores (NaN for an empty tensor or
         when a score is NaN). kept: int64[T], entries not zeroed. nonfinite: int64[T], scores that
@@ -98,6 +108,36 @@ if backends.PROBE.extension_error is None:
     torch.library.register_fake("cure::revise")(_revise_fake)
 
 
+def _register_version_bumps(library: torch.library.Library, name: str) -> None:
+    """Register, for the C++ op ``cure::name``, an ``ADInplaceOrView`` kernel that bumps the version
+    counter of every tensor of every argument its schema marks as written, then runs the op's kernel.
+
+    The same kernel ``torch.library.custom_op`` gives the Python ops. It sits above functionalization,
+    so under ``torch.compile`` it bumps the traced (fake or functional) tensors, as eager mode does.
+    """
+    op = getattr(torch.ops.cure, name).default
+    arguments = op._schema.arguments
+    written = [(i, a.name) for i, a in enumerate(arguments) if a.alias_info is not None and a.alias_info.is_write]
+    after_view_keyset = torch._C._after_ADInplaceOrView_keyset
+    increment = torch._C._increment_version
+
+    def bump_then_redispatch(keyset, *args, **kwargs):
+        for i, arg_name in written:
+            value = args[i] if i < len(args) else kwargs.get(arg_name)
+            if value is not None:
+                increment(value if isinstance(value, (list, tuple)) else (value,))
+        return op.redispatch(keyset & after_view_keyset, *args, **kwargs)
+
+    library.impl(name, bump_then_redispatch, "ADInplaceOrView", with_keyset=True)
+
+
+_cxx_library = torch.library.Library("cure", "IMPL")  # kept alive: its registrations last as long as it
+for _name in backends.CXX_OPS:
+    if (backends.PROBE.extension_error is None and hasattr(torch.ops.cure, _name)
+            and not torch._C._dispatch_has_kernel_for_dispatch_key(f"cure::{_name}", "ADInplaceOrView")):
+        _register_version_bumps(_cxx_library, _name)
+
+
 def _mask_op(name: str):
     if name == "reference":
         return torch.ops.cure.rgp_mask_reference
@@ -117,16 +157,18 @@ def _revise_op(name: str):
 _warned_fallback: set[str] = set()
 
 
-def _resolve(backend: str, device: torch.device) -> str:
+def _resolve(backend: str, device: torch.device, op: str) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__} {backend!r}")
-    name = backends.resolve_backend(backend, device)
+    name = backends.resolve_backend(backend, device, op)
     if backend == "auto" and name == "reference" and device.type not in _warned_fallback:
         _warned_fallback.add(device.type)
         if not torch.compiler.is_compiling():
-            why = backends.unavailable_reason("cpu" if device.type == "cpu" else "triton", device)
-            warnings.warn(f"cure_kernels: no fast backend for {device.type} tensors ({why}); "
-                          f"using the slow reference implementation", stacklevel=3)
+            fast = [b for b in backends.AUTO_ORDER.get(device.type, ()) if b != "reference"]
+            why = "; ".join(f"{b}: {backends.unavailable_reason(b, device, op)}" for b in fast) or "none exists"
+            warnings.warn(f"cure_kernels: no fast backend for {device.type} tensors ({why}); using the "
+                          f"reference implementation, which synchronises with the host on every call",
+                          stacklevel=3)
     return name
 
 
@@ -136,23 +178,31 @@ def rgp_mask_(updates: Sequence[Tensor], grads_nat: Sequence[Tensor], grads_adv:
 
     For every tensor i, with s = alpha*|grads_nat[i]| + (1-alpha)*|grads_adv[i]| (Robust Gradient
     Prominence, paper Eq. 6, in float32), sets ``updates[i][s < quantile(s, p)] = 0`` where the
-    quantile is exactly ``numpy.quantile`` (SPEC section 2). ``p`` is the conserved fraction.
+    quantile is exactly ``numpy.quantile`` (docs/method.md). ``p`` is the conserved fraction.
+
+    Like PyTorch's in-place ops: the whole call is checked before anything is written; the updates
+    must not overlap themselves or each other (an update may alias a gradient it is scored from); the
+    version counter of every update is bumped, so autograd refuses a backward pass that would read a
+    value saved before the masking.
 
     Args:
         updates: the gradients to mask (typically ``param.grad``), modified in place.
         grads_nat: gradients of the natural cross-entropy, one per update.
         grads_adv: gradients of the adversarial cross-entropy, one per update.
-        alpha: weight of the natural gradient in the score, in [0, 1].
+        alpha: weight of the natural gradient in the score, in [0, 1] (a Python or numpy scalar).
         p: fraction of entries to conserve per tensor, in [0, 1].
-        backend: "auto", "reference", "cpu", "triton" or "cuda".
+        backend: "auto" (:data:`cure_kernels.backends.AUTO_ORDER`: the C++ kernel on CPU; on CUDA Triton,
+            else the C++ CUDA kernel, else the reference), "reference", "cpu", "triton" or "cuda".
 
     Returns:
-        :class:`MaskStats` on the tensors' device, computed without a host synchronisation.
+        :class:`MaskStats` on the tensors' device. The C++ backends never synchronise with the host;
+        Triton does on the first call for each set of tensor sizes, dtypes and ``p`` (it uploads its
+        tables; :mod:`cure_kernels.backends` says exactly when); the reference on every call.
     """
     alpha = check_fraction("alpha", alpha)
     p = check_fraction("p", p)
     ups, gns, gas = check_tensor_lists(("updates", "grads_nat", "grads_adv"), (updates, grads_nat, grads_adv))
-    name = _resolve(backend, ups[0].device if ups else torch.device("cpu"))
+    name = _resolve(backend, ups[0].device if ups else torch.device("cpu"), "rgp_mask")
     if not ups:
         return MaskStats(*_mask_stats_like(ups))
     return MaskStats(*_mask_op(name)(ups, gns, gas, alpha, p))
@@ -160,9 +210,15 @@ def rgp_mask_(updates: Sequence[Tensor], grads_nat: Sequence[Tensor], grads_adv:
 
 def revise_(revision: Sequence[Tensor], params: Sequence[Tensor], *, decay: float,
             backend: str = "auto") -> None:
-    """Revise step of CURE (paper Eq. 7): ``rev <- decay*rev + (1-decay)*param`` over the list, in place."""
+    """Revise step of CURE (paper Eq. 7): ``rev <- decay*rev + (1-decay)*param`` over the list, in place.
+
+    In float32 with ``f32(decay)`` and ``f32(1 - decay)``, each product and the sum rounded separately,
+    stored rounded to nearest-even. The revision tensors are written like :func:`rgp_mask_` writes its
+    updates (checked first, no overlap among them, version counters bumped); a revision tensor may
+    alias its param. No backend but the reference synchronises with the host.
+    """
     decay = check_fraction("decay", decay)
     revs, prms = check_tensor_lists(("revision", "params"), (revision, params))
-    name = _resolve(backend, revs[0].device if revs else torch.device("cpu"))
+    name = _resolve(backend, revs[0].device if revs else torch.device("cpu"), "revise")
     if revs:
         _revise_op(name)(revs, prms, decay)

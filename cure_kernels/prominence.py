@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
+from cure_kernels import backends
 from cure_kernels.ops import MaskStats, rgp_mask_
 from cure_kernels.validation import SUPPORTED_DTYPES, check_fraction
 
@@ -39,12 +40,16 @@ class ProminenceMasker:
         params: the parameters to mask (those with ``requires_grad``; others are ignored).
         alpha: weight of the natural gradient in the score s = alpha*|g_nat| + (1-alpha)*|g_adv| (Eq. 6).
         p: conserved fraction: in every tensor, the p least prominent entries of the update are zeroed.
-        backend: passed to :func:`cure_kernels.rgp_mask_` ("auto", "reference", "cpu", "triton", "cuda").
+        backend: passed to :func:`cure_kernels.rgp_mask_` ("auto", "reference", "cpu", "triton", "cuda");
+            checked here, against the parameters' device, so that a bad name fails now rather than at
+            the first step.
     """
 
     def __init__(self, params: Iterable[nn.Parameter], *, alpha: float, p: float, backend: str = "auto"):
         self.alpha = check_fraction("alpha", alpha)
         self.p = check_fraction("p", p)
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a string, got {type(backend).__name__} {backend!r}")
         self.backend = backend
         self.params = [q for q in params if q.requires_grad]
         if not self.params:
@@ -52,6 +57,7 @@ class ProminenceMasker:
         devices = {q.device for q in self.params}
         if len(devices) > 1:
             raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
+        backends.resolve_backend(backend, self.params[0].device, "rgp_mask")  # raises, naming what can run
         for i, q in enumerate(self.params):
             if q.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(f"params[{i}] has dtype {q.dtype}; supported are float32, bfloat16, float16")
@@ -105,7 +111,12 @@ class ProminenceMasker:
         """Route the gradients of backward passes inside the block into the ``kind`` buffers.
 
         ``kind`` is "nat" (the natural cross-entropy) or "adv" (the adversarial cross-entropy). The
-        buffers are zeroed on entry; ``param.grad`` is restored on exit.
+        buffers are zeroed on entry; ``param.grad`` is restored on exit, also when the block raises.
+
+        A backward pass without ``create_graph`` accumulates into the buffers in place. With
+        ``create_graph=True`` autograd accumulates out of place (``param.grad`` becomes a new tensor
+        that is part of a graph); on exit its values are copied into the buffers, detached: the
+        prominence scores need the values only.
         """
         if kind not in ("nat", "adv"):
             raise ValueError(f"kind must be 'nat' or 'adv', got {kind!r}")
@@ -118,11 +129,15 @@ class ProminenceMasker:
         try:
             yield
         finally:
-            for q, view, grad in zip(self.params, views, saved):
-                # Autograd accumulates in place into an existing .grad; if something replaced it, keep the values.
-                if q.grad is not None and q.grad.data_ptr() != view.data_ptr():
-                    view.copy_(q.grad)
+            current = [q.grad for q in self.params]
+            for q, grad in zip(self.params, saved):  # first, so that nothing below can leave .grad on our views
                 q.grad = grad
+            with torch.no_grad():
+                for view, got in zip(views, current):
+                    # Autograd accumulates in place into an existing .grad, unless grad mode is on during the
+                    # backward (create_graph=True) or something replaced .grad: then keep its values.
+                    if got is not None and got.data_ptr() != view.data_ptr():
+                        view.copy_(got)
 
     def _current_updates(self) -> list[Tensor]:
         # A parameter may hold a .grad that is not our view (e.g. after optimizer.zero_grad()); mask that one.

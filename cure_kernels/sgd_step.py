@@ -24,7 +24,7 @@ from torch import Tensor
 from cure_kernels import backends
 from cure_kernels.ops import MaskStats, _mask_stats_like
 from cure_kernels.reference import rgp_mask_reference, rgp_scores
-from cure_kernels.validation import check_fraction, check_tensor_lists
+from cure_kernels.validation import check_fraction, check_nonnegative, check_tensor_lists
 
 __all__ = ["rgp_sgd_step_", "rgp_sgd_step_reference", "MASK_MODES", "SGD_STEP_BACKENDS"]
 
@@ -217,8 +217,8 @@ def rgp_sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], grads_nat: 
     p = check_fraction("p", p)
     momentum = check_fraction("momentum", momentum)
     decay = check_fraction("decay", decay)
-    lr = _check_nonnegative("lr", lr)
-    weight_decay = _check_nonnegative("weight_decay", weight_decay)
+    lr = check_nonnegative("lr", lr)
+    weight_decay = check_nonnegative("weight_decay", weight_decay)
     if mask_mode not in MASK_MODES:
         raise ValueError(f"mask_mode must be 'grad' or 'update', got {mask_mode!r}")
     names = ["grads", "grads_nat", "grads_adv", "params", "momentum_buffers"]
@@ -226,7 +226,8 @@ def rgp_sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], grads_nat: 
     if revision is not None:
         names.append("revision")
         lists.append(revision)
-    checked = check_tensor_lists(names, lists)
+    # Written in place: grads, params, momentum_buffers and revision (none may overlap another).
+    checked = check_tensor_lists(names, lists, written=(0, 3, 4, 5)[:len(lists) - 2])
     grs, gns, gas, prms, bufs = checked[:5]
     revs = checked[5] if revision is not None else []
     for name, tensors in (("momentum_buffers", bufs), ("revision", revs)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -83,3 +84,62 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="kind must be 'nat' or 'adv'"):
         with masker.capture("rob"):
             pass
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
+def test_capture_with_create_graph_and_several_parameters_per_dtype():
+    """With create_graph=True autograd replaces .grad out of place; the values still land in the buffers."""
+    model, loss_nat, loss_rob, loss = _model_and_losses(3)
+    params = list(model.parameters())  # four float32 parameters
+    g_nat = torch.autograd.grad(loss_nat, params, retain_graph=True)
+    g_rob = torch.autograd.grad(loss_rob, params, retain_graph=True)
+    masker = ck.ProminenceMasker(params, alpha=0.1, p=0.3)
+    masker.zero_grad()
+    with masker.capture("nat"):
+        loss_nat.backward(create_graph=True, retain_graph=True)
+    with masker.capture("adv"):
+        loss_rob.backward(create_graph=True, retain_graph=True)
+        loss_rob.backward(create_graph=True, retain_graph=True)  # accumulates: twice the gradient
+    for q, view in zip(params, masker.updates):
+        assert q.grad is view and not q.grad.requires_grad and not q.grad.any()
+    for got, nat, adv, rob in zip(masker.grads_nat, g_nat, masker.grads_adv, g_rob):
+        assert not got.requires_grad and not adv.requires_grad
+        torch.testing.assert_close(got, nat)
+        torch.testing.assert_close(adv, 2 * rob)
+    loss.backward()  # the update gradient still accumulates into the flat buffer
+    assert all(q.grad is view and q.grad.any() for q, view in zip(params, masker.updates))
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
+def test_capture_restores_grad_when_the_backward_raises():
+    model, loss_nat, loss_rob, _ = _model_and_losses(4)
+    params = list(model.parameters())
+    g_rob = torch.autograd.grad(loss_rob, params, retain_graph=True)
+    masker = ck.ProminenceMasker(params, alpha=0.1, p=0.3)
+    masker.zero_grad()
+    loss_nat.backward()  # frees the graph: a second backward raises
+    updates = [q.grad.clone() for q in params]
+    for create_graph in (False, True):
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            with masker.capture("adv"):
+                loss_rob.backward(create_graph=create_graph, retain_graph=True)  # lands in the buffers ...
+                loss_nat.backward(create_graph=create_graph)  # ... then this raises
+        for q, view, before in zip(params, masker.updates, updates):
+            assert q.grad is view and torch.equal(q.grad, before)
+        for got, expected in zip(masker.grads_adv, g_rob):
+            torch.testing.assert_close(got, expected)
+
+
+def test_backend_is_checked_at_construction():
+    params = list(nn.Linear(2, 2).parameters())
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        ck.ProminenceMasker(params, alpha=0.1, p=0.3, backend="nope")
+    with pytest.raises(ValueError, match="backend='cuda' cannot run here"):
+        ck.ProminenceMasker(params, alpha=0.1, p=0.3, backend="cuda")
+    with pytest.raises(TypeError, match="backend must be a string"):
+        ck.ProminenceMasker(params, alpha=0.1, p=0.3, backend=None)
+
+
+def test_numpy_scalars_are_accepted():
+    masker = ck.ProminenceMasker(nn.Linear(2, 2).parameters(), alpha=np.float32(0.1), p=np.float32(0.3))
+    assert masker.p == float(np.float32(0.3)) and type(masker.alpha) is float

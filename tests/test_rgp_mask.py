@@ -239,10 +239,12 @@ def test_bad_tensors_are_named_and_nothing_changes(case):
 
 
 def test_tensors_on_two_devices_are_rejected():
-    if not torch.cuda.is_available():
-        meta = torch.empty(5, device="meta")
-        with pytest.raises(ValueError, match=r"updates\[1\] is on meta but updates\[0\] is on cpu"):
-            ck.rgp_mask_([_r(4), meta], [_r(4), meta], [_r(4), meta], alpha=0.1, p=0.3)
+    # meta is a second device on every machine, with or without a GPU.
+    meta = torch.empty(5, device="meta")
+    with pytest.raises(ValueError, match=r"updates\[1\] is on meta but updates\[0\] is on cpu"):
+        ck.rgp_mask_([_r(4), meta], [_r(4), meta], [_r(4), meta], alpha=0.1, p=0.3)
+    with pytest.raises(ValueError, match=r"grads_adv\[0\] is on meta but updates\[0\] is on cpu"):
+        ck.rgp_mask_([_r(5)], [_r(5)], [meta], alpha=0.1, p=0.3)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on a machine without a GPU")
