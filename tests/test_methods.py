@@ -546,3 +546,32 @@ def test_lr_scheduler_sees_the_fused_update_as_the_optimizer_step():
             methods.cure_step(ctx, *_batch())
             scheduler.step()
     assert ctx.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 0.25)
+
+
+def test_fused_revision_split_equals_the_whole_update():
+    """counterparts(params) revised by the fused step plus update_rest equals update(), tensor for tensor;
+    a parameter outside params (here a frozen one) is revised by update_rest."""
+    torch.manual_seed(0)
+    model = build_model("cnn", SPEC)
+    frozen = next(model.parameters())
+    frozen.requires_grad_(False)
+    whole = RevisionModel(model, rate=1.0, decay=0.999, backend="reference")
+    split = RevisionModel(model, rate=1.0, decay=0.999, backend="reference")
+    model.train()
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(torch.randn_like(q))
+        model(torch.rand(8, *SPEC.shape))  # moves the BatchNorm statistics
+    params = [q for q in model.parameters() if q.requires_grad]
+    rev_params = split.counterparts(params)
+    assert len(rev_params) == len(params) == len(list(model.parameters())) - 1
+    assert all(r.data_ptr() != q.data_ptr() and r.shape == q.shape for r, q in zip(rev_params, params))
+    decay = 0.75
+    whole.update(decay)
+    reference.revise_reference(rev_params, [q.detach() for q in params], decay)  # what the fused step does
+    split.update_rest(decay, params)
+    assert split.updates == whole.updates == 1
+    for (key, a), b in zip(whole.module.state_dict().items(), split.module.state_dict().values()):
+        assert torch.equal(a, b), key
+    with pytest.raises(ValueError, match="not a parameter"):
+        split.counterparts([torch.nn.Parameter(torch.zeros(3))])
