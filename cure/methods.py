@@ -8,7 +8,7 @@ are computed in float32 even when the forward passes run under bfloat16 autocast
 * **at** (Madry et al.):            x_adv = PGD-CE(x) from a uniform random start;  L = CE(f(x_adv), y)
 * **trades** (Zhang et al.):        x_adv = argmax KL(p(x) || p(x')) (K signed steps from x + 0.001 N(0, I));
   L = CE(f(x), y) + beta * KL(p(x) || p(x_adv))
-* **cure** (SPEC section 1, paper Eqs. 4-8), with theta_rev the revision model:
+* **cure** (docs/method.md, paper Eqs. 4-8), with theta_rev the revision model:
   x_adv as in TRADES (Eq. 4); L_adv = CE(f(x), y) + beta * KL(p(x) || p(x_adv)) (Eq. 5);
   L_CR = KL(p_rev(x) || p(x)) + KL(p_rev(x_adv) || p(x_adv)) (Eq. 8); L = L_adv + gamma * L_CR.
   The Robust Gradient Prominence s = alpha |dL_nat/dw| + (1 - alpha) |dL_rob/dw| (Eq. 6), with
@@ -24,13 +24,27 @@ no gradient can be recovered from another by linearity. ``ProminenceMasker.captu
 passes into flat buffers so masking is one kernel launch over all tensors. The no-mask ablation skips both
 extra passes.
 
+The parameter update of a CURE step with a mask is one op: :func:`cure_kernels.rgp_sgd_step_` masks
+dL/dw (conserve), applies SGD with momentum and weight decay (update) and, on steps whose draw selects a
+revision, moves the revision model's parameters towards the new weights (revise), in one call over all
+parameters. ``torch.optim.SGD`` still owns the state: the op reads lr, momentum and weight decay from its
+param group at that step (so the lr scheduler works unchanged) and updates its momentum buffers in
+place (so checkpoints and resume are unchanged). The buffers are created as zeros up front, and with a
+zero buffer the op's first step gives buf = momentum * 0 + d = d, which is what PyTorch's first step
+copies in. Mask mode "update" freezes the whole update of a conserved entry inside the same op. The
+revision draw u and the warmed-up decay d_t are taken before the op; the revision model's BatchNorm
+statistics follow in a small separate update after it. ST, AT, TRADES and the no-mask ablation step
+with ``torch.optim.SGD(fused=True)`` (the ablation has no prominence gradients to give the op, and the
+fused SGD is already one multi-tensor kernel); its revision runs through :func:`cure_kernels.revise_`.
+
 Faults without host synchronisation: every step computes a device flag ``bad`` (the loss is not finite,
-or the mask saw NaN/inf scores). The optimizer is ``torch.optim.SGD(fused=True)``, whose kernel reads the
-``found_inf`` tensor on the device and leaves parameters and momentum untouched when it is set, so a bad
-step is skipped without the host ever looking at the flag; the model's buffers (BatchNorm statistics)
-are restored with ``where(bad, old, new)`` for the same reason. The revision draw and update of a
-skipped step still happen (towards the unchanged weights), which keeps t and the random stream
-independent of faults. The trainer reads the counts every ``log_every`` steps.
+or the mask saw NaN/inf scores). The fused SGD kernel reads the ``found_inf`` tensor on the device and
+:func:`cure_kernels.rgp_sgd_step_` its ``skip`` tensor (it also skips on its own when a score is not
+finite); either leaves parameters and momentum untouched, so a bad step is skipped without the host ever
+looking at the flag. The model's buffers (BatchNorm statistics) are restored with ``where(bad, old, new)``
+for the same reason. The revision draw and update of a skipped step still happen (towards the unchanged
+weights), which keeps t and the random stream independent of faults. The trainer reads the counts every
+``log_every`` steps.
 
 Data-parallel runs (``ctx.dist.world_size`` > 1, see :mod:`cure.distributed`): the attack and every
 forward and backward pass run on the unwrapped module, locally on the rank's shard; after the last
@@ -46,7 +60,7 @@ same EMA as its weights (see :mod:`cure.revision` for why; the official code kee
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -57,7 +71,7 @@ from cure.attacks import pgd, trades_pgd
 from cure.config import TrainConfig
 from cure.distributed import DistributedContext, all_reduce_mean_
 from cure.revision import RevisionModel
-from cure_kernels import MaskStats, ProminenceMasker
+from cure_kernels import MaskStats, ProminenceMasker, rgp_sgd_step_
 
 __all__ = [
     "build_step_context",
@@ -136,6 +150,7 @@ class StepResult:
     kept_fraction: Tensor  # fraction of gradient entries the mask kept (1 without masking)
     nonfinite: Tensor  # non-finite prominence scores (0 without masking)
     revised: bool = False  # the revision model was updated this step
+    mask_stats: MaskStats | None = None  # per-tensor thresholds, kept and non-finite counts (CURE with a mask)
 
 
 def _correct(logits: Tensor, y: Tensor) -> Tensor:
@@ -157,6 +172,11 @@ def _apply_update(ctx: StepContext, bad: Tensor, buffers_before: list[Tensor]) -
     """
     ctx.found_inf.copy_(bad)
     ctx.optimizer.step()
+    _restore_buffers(ctx, bad, buffers_before)
+
+
+def _restore_buffers(ctx: StepContext, bad: Tensor, buffers_before: list[Tensor]) -> None:
+    """``buffer <- where(bad, old, buffer)`` for the model's buffers (no host synchronisation)."""
     with torch.no_grad():
         for buf, old in zip(ctx.module.buffers(), buffers_before):
             buf.copy_(torch.where(bad, old, buf))
@@ -263,27 +283,65 @@ def trades_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
     return StepResult(loss, _correct(logits_nat, y), _correct(logits_adv, y), bad, zero + 1, zero)
 
 
-@contextlib.contextmanager
-def _freeze_conserved(ctx: StepContext, keeps: list[Tensor]) -> Iterator[None]:
-    """Mask mode "update": conserved weights and their momentum come out of the optimizer step bit-identical.
+def _sgd_hyperparameters(optimizer: torch.optim.SGD) -> tuple[float, float, float]:
+    """(lr, momentum, weight_decay) of the optimizer's single param group as it stands now (after any lr
+    scheduler step); the fused CURE update implements plain SGD only, so other settings are an error."""
+    if len(optimizer.param_groups) != 1:
+        raise ValueError(f"the fused CURE update needs an optimizer with one param group, got "
+                         f"{len(optimizer.param_groups)}; build it with build_step_context")
+    group = optimizer.param_groups[0]
+    unsupported = {k: group.get(k) for k in ("nesterov", "dampening", "maximize") if group.get(k)}
+    if unsupported:
+        raise ValueError(f"the fused CURE update implements SGD without nesterov, dampening or maximize; "
+                         f"the optimizer has {unsupported}")
+    return float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])
 
-    Applies ``w <- where(keep, w_new, w_old)`` to every parameter and momentum buffer after the step, so
-    neither weight decay nor momentum moves a conserved entry.
-    """
-    params = ctx.masker.params
-    state = ctx.optimizer.state
-    old_params = [q.detach().clone() for q in params]
-    old_bufs = [
-        state[q]["momentum_buffer"].clone() if "momentum_buffer" in state[q] else None for q in params
-    ]
-    yield
-    with torch.no_grad():
-        for q, keep, old_p, old_b in zip(params, keeps, old_params, old_bufs):
-            conserved = keep == 0
-            q.copy_(torch.where(conserved, old_p, q))
-            if old_b is not None:
-                buf = state[q]["momentum_buffer"]
-                buf.copy_(torch.where(conserved, old_b, buf))
+
+def _momentum_buffers(optimizer: torch.optim.SGD, params: list[Tensor]) -> list[Tensor]:
+    """The optimizer's momentum buffers of ``params``, created as zeros where missing (read every step:
+    ``optimizer.load_state_dict`` replaces them)."""
+    buffers = []
+    for q in params:
+        state = optimizer.state[q]
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = torch.zeros_like(q, memory_format=torch.preserve_format)
+        buffers.append(buf)
+    return buffers
+
+
+def _fused_update(ctx: StepContext, bad: Tensor, revision_decay: float | None) -> MaskStats:
+    """Conserve, update and (when ``revision_decay`` is given) revise the parameters in one
+    :func:`cure_kernels.rgp_sgd_step_` call over all of them; skipped on the device when ``bad`` is set or
+    a score is not finite (the gradients are still masked and the revision still moves)."""
+    masker = ctx.masker
+    params = masker.params
+    # A .grad that is not the masker's view (replaced by autograd or the caller) is masked where it is.
+    grads = [q.grad if q.grad is not None else view for q, view in zip(params, masker.updates)]
+    lr, momentum, weight_decay = _sgd_hyperparameters(ctx.optimizer)
+    revision = None
+    if revision_decay is not None:
+        revision = ctx.revision.counterparts(params)
+    stats = rgp_sgd_step_(
+        params,
+        grads,
+        masker.grads_nat,
+        masker.grads_adv,
+        _momentum_buffers(ctx.optimizer, params),
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        alpha=masker.alpha,
+        p=masker.p,
+        mask_mode=ctx.cfg.mask_mode,
+        revision=revision,
+        decay=0.0 if revision_decay is None else revision_decay,
+        skip=bad,
+        backend=masker.backend,
+    )
+    # This was the optimizer's step: lr schedulers check for one before their own step.
+    ctx.optimizer._opt_called = True
+    return stats
 
 
 def cure_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
@@ -317,7 +375,6 @@ def cure_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
         loss = loss_adv + cfg.gamma * loss_cr
     # 3. Gradients: dL_nat/dw and dL_rob/dw into the masker's buffers, dL/dw into .grad.
     stats: MaskStats | None = None
-    keeps: list[Tensor] | None = None
     if masker is not None:
         loss_rob = F.cross_entropy(logits_adv.float(), y)  # L_rob: prominence only
         with masker.capture("nat"):
@@ -328,23 +385,25 @@ def cure_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
     # Data-parallel: one packed all-reduce of the three gradients, the BatchNorm buffers and the loss.
     loss = _reduce(ctx, loss, captured=masker is not None)
     bad = ~torch.isfinite(loss)
-    # 4. Conserve: zero the least prominent fraction p of dL/dw in every tensor.
-    if masker is not None:
-        if cfg.mask_mode == "grad":
-            stats = masker.mask_()
-        else:
-            keeps, stats = masker.keep_masks()
-            torch._foreach_mul_([q.grad for q in masker.params], keeps)
-        bad = bad | (stats.nonfinite.sum() > 0)
-    # 5. Update (skipped on the device when bad).
-    with _freeze_conserved(ctx, keeps) if keeps is not None else contextlib.nullcontext():
-        _apply_update(ctx, bad, buffers)
-    # 6. Revise (Eq. 7): with probability r, theta_rev <- d_t theta_rev + (1 - d_t) theta.
+    # The revision draw of this step (Eq. 7), taken first: a selected revision is fused into the update.
     ctx.cure_step += 1
-    revised = False
+    revision_decay = None
     if revision is not None:
         u = float(torch.rand((), generator=ctx.revision_generator))
-        revised = revision.step(ctx.cure_step, u, rate=ctx.revision_rate)
+        revision_decay = revision.decay_for(ctx.cure_step, u, rate=ctx.revision_rate)
+    if masker is not None:
+        # 4-6. Conserve (zero the least prominent fraction p of dL/dw in every tensor), update (skipped on
+        # the device when bad) and revise the parameters: one op.
+        stats = _fused_update(ctx, bad, revision_decay)
+        bad = bad | (stats.nonfinite.sum() > 0)
+        _restore_buffers(ctx, bad, buffers)
+        if revision_decay is not None:
+            revision.update_rest(revision_decay, masker.params)  # BatchNorm statistics, integer buffers
+    else:
+        _apply_update(ctx, bad, buffers)
+        if revision_decay is not None:
+            revision.update(revision_decay)
+    revised = revision_decay is not None
     if stats is not None:
         kept_fraction = stats.kept.sum().float() / ctx._param_numel
         nonfinite = stats.nonfinite.sum().float()
@@ -359,6 +418,7 @@ def cure_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
         kept_fraction,
         nonfinite,
         revised,
+        stats,
     )
 
 

@@ -5,11 +5,14 @@ trainer's generator; if u < r::
 
     theta_rev <- d_t * theta_rev + (1 - d_t) * theta,      d_t = min(1 - 1/(t + 1), d)
 
-(the warm-up of d_t is the official code's). The average runs through :func:`cure_kernels.revise_` over
-one flat list holding every parameter **and every floating-point buffer** (BatchNorm running mean and
-variance); integer buffers (``num_batches_tracked``) are copied.
+(the warm-up of d_t is the official code's). The average covers every parameter **and every
+floating-point buffer** (BatchNorm running mean and variance); integer buffers (``num_batches_tracked``)
+are copied. :meth:`RevisionModel.update` runs it through :func:`cure_kernels.revise_` over one flat list.
+A CURE step with a mask instead fuses the parameters' average into its SGD step
+(:func:`cure_kernels.rgp_sgd_step_` with ``revision=``:meth:`RevisionModel.counterparts`), so the new
+weights are read once, and completes the update with :meth:`RevisionModel.update_rest` (the buffers).
 
-Design decisions (the official code differs; see SPEC section 1):
+Design decisions (the official code differs; see docs/method.md):
 
 * The revision model runs in **eval mode** when it provides the consistency targets of L_CR and when it
   is evaluated. The official code keeps it in train mode, so its BatchNorm normalises with the statistics
@@ -25,6 +28,7 @@ Design decisions (the official code differs; see SPEC section 1):
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -72,6 +76,10 @@ class RevisionModel:
         self.updates = 0  # EMA updates applied so far
         self._source = model
         self._pair_lists(model)
+        self._fused_key: tuple[int, ...] | None = None  # ids of the parameters the fused step revises
+        self._fused: list[Tensor] = []
+        self._rest_rev: list[Tensor] = []
+        self._rest_src: list[Tensor] = []
 
     def _pair_lists(self, model: nn.Module) -> None:
         self._rev_float, self._src_float = _float_state(self.module), _float_state(model)
@@ -94,17 +102,64 @@ class RevisionModel:
             r.copy_(s)
         self.updates += 1
 
+    def decay_for(self, t: int, u: float, rate: float | None = None) -> float | None:
+        """The decay d_t of step t's revision given the draw u ~ U(0, 1), or None when u >= r (no update).
+
+        ``rate`` overrides r (e.g. after a late decay of the revision rate).
+        """
+        r = self.rate if rate is None else rate
+        return revision_decay_at(t, self.decay) if u < r else None
+
     def step(self, t: int, u: float, rate: float | None = None) -> bool:
         """The stochastic revision of step t (1-based in the CURE stage) given the draw u ~ U(0, 1).
 
         Updates with d_t = min(1 - 1/(t + 1), d) when u < r (``rate`` overrides r, e.g. after a late decay).
         Returns whether an update happened.
         """
-        r = self.rate if rate is None else rate
-        if u < r:
-            self.update(revision_decay_at(t, self.decay))
-            return True
-        return False
+        decay = self.decay_for(t, u, rate)
+        if decay is not None:
+            self.update(decay)
+        return decay is not None
+
+    def counterparts(self, params: Sequence[Tensor]) -> list[Tensor]:
+        """theta_rev's tensor for each of the trained model's parameters in ``params`` (matched by identity).
+
+        The ``revision=`` list of :func:`cure_kernels.rgp_sgd_step_`, which revises these parameters inside
+        the SGD step; :meth:`update_rest` then revises everything else. The split is computed once per
+        parameter list.
+        """
+        key = tuple(id(q) for q in params)
+        if key != self._fused_key:
+            index = {id(q): i for i, q in enumerate(self._source.parameters())}
+            rev_params = [q.detach() for q in self.module.parameters()]
+            fused = []
+            for i, q in enumerate(params):
+                if id(q) not in index:
+                    raise ValueError(f"params[{i}] (shape {tuple(q.shape)}) is not a parameter of the model "
+                                     f"this revision model was copied from")
+                fused.append(rev_params[index[id(q)]])
+            covered = {r.data_ptr() for r in fused}  # parameters own their storage
+            rest = [(r, s) for r, s in zip(self._rev_float, self._src_float) if r.data_ptr() not in covered]
+            self._fused = fused
+            self._rest_rev = [r for r, _ in rest]
+            self._rest_src = [s for _, s in rest]
+            self._fused_key = key
+        return self._fused
+
+    @torch.no_grad()
+    def update_rest(self, decay: float, params: Sequence[Tensor]) -> None:
+        """Complete an update whose parameters ``params`` the fused SGD step has already revised with
+        ``decay``: every other floating-point tensor of theta_rev (the BatchNorm statistics, parameters not
+        in ``params``) through :func:`cure_kernels.revise_`, integer buffers copied. Counts one update.
+
+        Together with the fused step this equals :meth:`update` (``decay``), tensor for tensor.
+        """
+        self.counterparts(params)  # the split for this parameter list
+        if self._rest_rev:
+            cure_kernels.revise_(self._rest_rev, self._rest_src, decay=decay, backend=self.backend)
+        for r, s in zip(self._rev_int, self._src_int):
+            r.copy_(s)
+        self.updates += 1
 
     @torch.no_grad()
     def copy_from_model(self) -> None:

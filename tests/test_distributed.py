@@ -28,6 +28,7 @@ from cure.config import resolve_config
 from cure.data import BatchLoader
 from cure.distributed import DistributedContext, all_reduce_mean_
 from cure.methods import build_step_context, cure_step
+from cure_kernels.reference import rgp_scores
 
 WORLD = 2
 #: The shared tiny configuration (tests/conftest.py; the spawned workers cannot take fixtures) with
@@ -84,18 +85,13 @@ def _run_cure(module: nn.Module, dist: DistributedContext, steps: int, eps: floa
         if step == steps:
             break
         ctx.attack_generator.manual_seed(1000 * dist.rank + step)
-        real_keep = ctx.masker.keep_masks
-        keeps_seen = []
-
-        def keep_masks(real_keep=real_keep, keeps_seen=keeps_seen):
-            keeps, stats = real_keep()
-            keeps_seen.append([k.clone() for k in keeps])
-            return keeps, stats
-
-        ctx.masker.keep_masks = keep_masks
         result = cure_step(ctx, x, y)
-        ctx.masker.keep_masks = real_keep
-        record.append({"keeps": keeps_seen[0], "revised": result.revised, "loss": float(result.loss)})
+        # The keep masks of the step: score at or above the tensor's threshold (docs/method.md).
+        masker, thresholds = ctx.masker, result.mask_stats.thresholds
+        keeps = [~(rgp_scores(g_nat, g_adv, masker.alpha) < thr)
+                 for g_nat, g_adv, thr in zip(masker.grads_nat, masker.grads_adv, thresholds)]
+        record.append({"keeps": keeps, "thresholds": thresholds.clone(), "revised": result.revised,
+                       "loss": float(result.loss)})
     return ctx
 
 
@@ -148,6 +144,7 @@ def test_two_ranks_hold_identical_weights_revision_and_masks_and_match_one_proce
         for s0, s1 in zip(r0["record"], r1["record"]):
             assert s0["loss"] == s1["loss"]
             assert s0["revised"] == s1["revised"]
+            assert torch.equal(s0["thresholds"].view(torch.int32), s1["thresholds"].view(torch.int32))
             for k0, k1 in zip(s0["keeps"], s1["keeps"]):
                 assert torch.equal(k0, k1)
             # the mask conserves something and updates something (it is a real mask)
