@@ -30,6 +30,9 @@ struct Entry {
 template <typename T>
 int64_t mask_range(T* update, const T* nat, const T* adv, int64_t n, Weights w, float thr) {
   int64_t kept = 0;
+  // The update may be g_nat or g_adv itself: each element's score is read before it is written, and
+  // no iteration reads what another writes.
+#pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
     const bool keep = !(cpu::score(nat[i], adv[i], w) < thr);
     update[i] = keep ? update[i] : T(0);

@@ -35,7 +35,13 @@
 #include <array>
 #include <atomic>
 #include <mutex>
+#include <type_traits>
 #include <utility>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define CURE_X86_AVX2 1
+#endif
 
 namespace cure {
 namespace cpu {
@@ -178,8 +184,61 @@ KeyPair select_in_bins(const uint32_t* src, int64_t n, int64_t lo, int64_t hi, i
   }
 }
 
+// Keys of ranks r0 <= r1 among keys[0, n), all of which lie in [base, base + span]; keys is reordered.
+// A histogram of the top 12 bits of key - base, then nth_element inside the bin(s) holding the two
+// ranks; adjacent ranks in different bins are the largest key of one bin and the smallest of the next.
+KeyPair select_two(uint32_t* keys, int64_t n, int64_t r0, int64_t r1, uint32_t base, uint32_t span,
+                   Histogram& hist, std::vector<uint32_t>& tmp) {
+  if (n <= kRefineDirect) {
+    std::nth_element(keys, keys + r0, keys + n);
+    if (r1 == r0) return {keys[r0], keys[r0]};
+    std::nth_element(keys + r0 + 1, keys + r1, keys + n);
+    return {keys[r0], keys[r1]};
+  }
+  const int width = span == 0 ? 0 : 32 - __builtin_clz(span);
+  const int shift = std::max(0, width - 12);
+  std::fill(hist.begin(), hist.end(), 0u);
+  for (int64_t i = 0; i < n; ++i) ++hist[(keys[i] - base) >> shift];
+  const auto [b0, below0] = bin_of_rank(hist.data(), kBins, r0);
+  const auto [b1, below1] = bin_of_rank(hist.data(), kBins, r1);
+  if (b0 != b1 && r1 == r0 + 1) {
+    uint32_t lo = 0, hi = std::numeric_limits<uint32_t>::max();
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t d = (keys[i] - base) >> shift;
+      lo = d == b0 ? std::max(lo, keys[i]) : lo;
+      hi = d == b1 ? std::min(hi, keys[i]) : hi;
+    }
+    return {lo, hi};
+  }
+  // The keys of one bin, compacted into tmp; then the rank(s) inside it.
+  auto gather = [&](uint32_t bin) {
+    const int64_t m = hist[bin];
+    if (static_cast<int64_t>(tmp.size()) < m + 1) tmp.resize(m + 1);
+    int64_t j = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      tmp[j] = keys[i];
+      j += ((keys[i] - base) >> shift) == bin;
+    }
+    return m;
+  };
+  const int64_t m0 = gather(b0);
+  const int64_t i0 = r0 - below0;
+  std::nth_element(tmp.begin(), tmp.begin() + i0, tmp.begin() + m0);
+  const uint32_t k0 = tmp[i0];
+  if (r1 == r0) return {k0, k0};
+  if (b0 == b1) {
+    const int64_t i1 = r1 - below0;
+    std::nth_element(tmp.begin() + i0 + 1, tmp.begin() + i1, tmp.begin() + m0);
+    return {k0, tmp[i1]};
+  }
+  const int64_t m1 = gather(b1);
+  const int64_t i1 = r1 - below1;
+  std::nth_element(tmp.begin(), tmp.begin() + i1, tmp.begin() + m1);
+  return {k0, tmp[i1]};
+}
+
 struct Scratch {
-  std::vector<uint32_t> keys, cand, sample;
+  std::vector<uint32_t> keys, cand, sample, tmp;
   Histogram hist;
 };
 
@@ -332,10 +391,9 @@ int64_t sample_rank_above(int64_t rank, int64_t n) {
 int64_t tile_start(int64_t t, int64_t n) { return (t * n / kTiles) / kTile * kTile; }
 
 template <typename T>
-Bracket sample_bracket(const T* nat, const T* adv, int64_t n, Weights w, const Interpolation& ip,
-                       std::vector<uint32_t>& sample) {
-  sample.resize(kSample);
-  uint32_t* out = sample.data();
+Bracket sample_bracket(const T* nat, const T* adv, int64_t n, Weights w, const Interpolation& ip, Scratch& s) {
+  s.sample.resize(kSample);
+  uint32_t* out = s.sample.data();
   for (int64_t t = 0; t < kTiles; ++t) {
     const int64_t start = tile_start(t, n);
     for (int64_t j = 0; j < kTile; ++j) out[t * kTile + j] = key_of(score(nat[start + j], adv[start + j], w));
@@ -343,16 +401,17 @@ Bracket sample_bracket(const T* nat, const T* adv, int64_t n, Weights w, const I
   const int64_t r_lo = sample_rank_below(ip.lo_rank, n);
   const int64_t r_hi = sample_rank_above(ip.hi_rank, n);
   Bracket b{0u, std::numeric_limits<uint32_t>::max()};  // open at a clamped end
-  int64_t from = 0;
-  if (r_lo >= 0) {
-    std::nth_element(out, out + r_lo, out + kSample);
-    b.lo = out[r_lo];
-    from = r_lo + 1;
+  const bool has_lo = r_lo >= 0, has_hi = r_hi <= kSample - 1;
+  if (!has_lo && !has_hi) return b;
+  uint32_t lo_key = std::numeric_limits<uint32_t>::max(), hi_key = 0;
+  for (int64_t i = 0; i < kSample; ++i) {
+    lo_key = std::min(lo_key, out[i]);
+    hi_key = std::max(hi_key, out[i]);
   }
-  if (r_hi <= kSample - 1) {
-    std::nth_element(out + from, out + r_hi, out + kSample);
-    b.hi = out[r_hi];
-  }
+  const int64_t r0 = has_lo ? r_lo : r_hi, r1 = has_hi ? r_hi : r_lo;
+  const KeyPair pair = select_two(out, kSample, r0, r1, lo_key, hi_key - lo_key, s.hist, s.tmp);
+  if (has_lo) b.lo = pair.lo;
+  if (has_hi) b.hi = pair.hi;
   return b;
 }
 
@@ -361,41 +420,122 @@ struct BracketCounts {
   bool overflow = false;
 };
 
+// One block of keys: counts (< lo, == lo, inf or NaN, NaN) added to counts[0..3], the keys in (lo, hi]
+// appended to out[m...] (which has room for len + 8 more). Returns the new m.
+int64_t count_block(const uint32_t* keys, int64_t len, Bracket b, uint32_t* out, int64_t m, int64_t* counts) {
+  uint32_t lt = 0, eq = 0, nonfinite = 0, nan = 0;
+  for (int64_t j = 0; j < len; ++j) {  // vectorised
+    const uint32_t key = keys[j];
+    lt += key < b.lo;
+    eq += key == b.lo;
+    nonfinite += (key & 0x7F800000u) == 0x7F800000u;
+    nan += (key & 0x7FFFFFFFu) > 0x7F800000u;
+  }
+  for (int64_t j = 0; j < len; ++j) {  // branch-free compaction
+    const uint32_t key = keys[j];
+    out[m] = key;
+    m += (key > b.lo) & (key <= b.hi);
+  }
+  counts[0] += lt;
+  counts[1] += eq;
+  counts[2] += nonfinite;
+  counts[3] += nan;
+  return m;
+}
+
+#ifdef CURE_X86_AVX2
+// For every 8-bit mask, the lanes whose bit is set, in order: the permutation that packs them.
+struct CompactTable {
+  alignas(32) uint32_t lanes[256][8];
+  CompactTable() {
+    for (int mask = 0; mask < 256; ++mask) {
+      int k = 0;
+      for (int lane = 0; lane < 8; ++lane)
+        if (mask >> lane & 1) lanes[mask][k++] = static_cast<uint32_t>(lane);
+      for (; k < 8; ++k) lanes[mask][k] = 0;
+    }
+  }
+};
+const CompactTable g_compact_table;
+const bool g_has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+
+// count_block with AVX2: 8 keys per step, compaction by a table-driven lane permutation.
+__attribute__((target("avx2,popcnt"))) int64_t count_block_avx2(const uint32_t* keys, int64_t len, Bracket b,
+                                                               uint32_t* out, int64_t m, int64_t* counts) {
+  const __m256i bias = _mm256_set1_epi32(static_cast<int>(0x80000000u));  // unsigned order as signed
+  const __m256i lo = _mm256_set1_epi32(static_cast<int>(b.lo ^ 0x80000000u));
+  const __m256i hi = _mm256_set1_epi32(static_cast<int>(b.hi ^ 0x80000000u));
+  const __m256i lo_raw = _mm256_set1_epi32(static_cast<int>(b.lo));
+  const __m256i exp_mask = _mm256_set1_epi32(0x7F800000);
+  const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
+  __m256i lt = _mm256_setzero_si256(), eq = lt, nonfinite = lt, nan = lt;
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j));
+    const __m256i kb = _mm256_xor_si256(k, bias);
+    lt = _mm256_sub_epi32(lt, _mm256_cmpgt_epi32(lo, kb));
+    eq = _mm256_sub_epi32(eq, _mm256_cmpeq_epi32(k, lo_raw));
+    nonfinite = _mm256_sub_epi32(nonfinite, _mm256_cmpeq_epi32(_mm256_and_si256(k, exp_mask), exp_mask));
+    nan = _mm256_sub_epi32(nan, _mm256_cmpgt_epi32(_mm256_and_si256(k, abs_mask), exp_mask));
+    const __m256i in = _mm256_andnot_si256(_mm256_cmpgt_epi32(kb, hi), _mm256_cmpgt_epi32(kb, lo));
+    const unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(in)));
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(g_compact_table.lanes[mask]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m), _mm256_permutevar8x32_epi32(k, perm));
+    m += _mm_popcnt_u32(mask);
+  }
+  alignas(32) uint32_t sums[4][8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(sums[0]), lt);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(sums[1]), eq);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(sums[2]), nonfinite);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(sums[3]), nan);
+  for (int c = 0; c < 4; ++c)
+    for (int lane = 0; lane < 8; ++lane) counts[c] += sums[c][lane];
+  return count_block(keys + j, len - j, b, out, m, counts);
+}
+
+// The scores of a float32 block as keys, compiled for AVX2 (no FMA: -ffp-contract=off).
+__attribute__((target("avx2"))) void keys_avx2(const float* x, const float* y, int64_t len, Weights w,
+                                              uint32_t* keys) {
+  for (int64_t j = 0; j < len; ++j) keys[j] = key_of(score(x[j], y[j], w));
+}
+#endif
+
 // One pass: counts of keys < lo, == lo, inf/NaN and NaN; the keys in (lo, hi] compacted into cand,
-// which has room for cap + kBlock keys. Stops early (overflow) once more than cap keys were compacted.
+// which has room for cap + kBlock + 8 keys. Stops early (overflow) once more than cap keys were compacted.
 template <typename T>
 BracketCounts count_and_compact(const T* nat, const T* adv, int64_t n, Weights w, Bracket b, uint32_t* cand,
                                 int64_t cap) {
   BracketCounts c;
-  uint32_t keys[kBlock];
+  alignas(32) uint32_t keys[kBlock];
+  int64_t counts[4] = {0, 0, 0, 0};
   int64_t m = 0;
   for (int64_t base = 0; base < n; base += kBlock) {
     const int64_t len = std::min(kBlock, n - base);
     const T* x = nat + base;
     const T* y = adv + base;
-    uint32_t lt = 0, eq = 0, nonfinite = 0, nan = 0;
-    for (int64_t j = 0; j < len; ++j) {  // vectorised
-      const uint32_t key = key_of(score(x[j], y[j], w));
-      keys[j] = key;
-      lt += key < b.lo;
-      eq += key == b.lo;
-      nonfinite += (key & 0x7F800000u) == 0x7F800000u;
-      nan += (key & 0x7FFFFFFFu) > 0x7F800000u;
+#ifdef CURE_X86_AVX2
+    if (g_has_avx2) {
+      if constexpr (std::is_same_v<T, float>) {
+        keys_avx2(x, y, len, w, keys);
+      } else {
+        for (int64_t j = 0; j < len; ++j) keys[j] = key_of(score(x[j], y[j], w));
+      }
+      m = count_block_avx2(keys, len, b, cand, m, counts);
+    } else
+#endif
+    {
+      for (int64_t j = 0; j < len; ++j) keys[j] = key_of(score(x[j], y[j], w));
+      m = count_block(keys, len, b, cand, m, counts);
     }
-    for (int64_t j = 0; j < len; ++j) {  // branch-free compaction
-      const uint32_t key = keys[j];
-      cand[m] = key;
-      m += (key > b.lo) & (key <= b.hi);
-    }
-    c.lt += lt;
-    c.eq += eq;
-    c.nonfinite += nonfinite;
-    c.nan += nan;
     if (m > cap) {
       c.overflow = true;
       break;
     }
   }
+  c.lt = counts[0];
+  c.eq = counts[1];
+  c.nonfinite = counts[2];
+  c.nan = counts[3];
   c.mid = m;
   return c;
 }
@@ -403,33 +543,19 @@ BracketCounts count_and_compact(const T* nat, const T* adv, int64_t n, Weights w
 int64_t candidate_capacity(int64_t n) { return n / kCandidateDivisor; }
 
 // Resolves ranks k and k+1 from the bracket's counts and candidates; false on a miss.
-bool resolve(const BracketCounts& c, Bracket b, uint32_t* cand, const Interpolation& ip, KeyPair& out) {
+bool resolve(const BracketCounts& c, Bracket b, uint32_t* cand, const Interpolation& ip, Scratch& s, KeyPair& out) {
   if (c.overflow) return false;
   const int64_t eq_end = c.lt + c.eq, mid_end = eq_end + c.mid;
-  const int64_t ranks[2] = {ip.lo_rank, ip.hi_rank};
-  uint32_t keys[2];
-  bool sorted_from = false;  // nth_element for rank 0 has partitioned cand around it
-  int64_t first_mid = -1;
-  for (int j = 0; j < 2; ++j) {
-    const int64_t r = ranks[j];
-    if (r < c.lt || r >= mid_end) return false;
-    if (r < eq_end) {
-      keys[j] = b.lo;
-      continue;
-    }
-    const int64_t i = r - eq_end;
-    if (sorted_from && i == first_mid + 1) {
-      keys[j] = *std::min_element(cand + i, cand + c.mid);
-    } else if (!(sorted_from && i == first_mid)) {
-      std::nth_element(cand, cand + i, cand + c.mid);
-      sorted_from = true;
-      first_mid = i;
-      keys[j] = cand[i];
-    } else {
-      keys[j] = cand[i];
-    }
+  const int64_t r0 = ip.lo_rank, r1 = ip.hi_rank;
+  if (r0 < c.lt || r1 >= mid_end) return false;
+  if (r1 < eq_end) {
+    out = {b.lo, b.lo};
+  } else if (r0 < eq_end) {
+    const int64_t i1 = r1 - eq_end;
+    out = {b.lo, select_two(cand, c.mid, i1, i1, b.lo + 1, b.hi - b.lo - 1, s.hist, s.tmp).hi};
+  } else {
+    out = select_two(cand, c.mid, r0 - eq_end, r1 - eq_end, b.lo + 1, b.hi - b.lo - 1, s.hist, s.tmp);
   }
-  out = {keys[0], keys[1]};
   return true;
 }
 
@@ -437,13 +563,13 @@ template <typename T>
 Selection bracket_serial(const T* nat, const T* adv, int64_t n, Weights w, double p) {
   Scratch& s = thread_scratch();
   const Interpolation ip = interpolation(n, p);
-  const Bracket b = sample_bracket(nat, adv, n, w, ip, s.sample);
+  const Bracket b = sample_bracket(nat, adv, n, w, ip, s);
   const int64_t cap = candidate_capacity(n);
-  if (static_cast<int64_t>(s.cand.size()) < cap + kBlock) s.cand.resize(cap + kBlock);
+  if (static_cast<int64_t>(s.cand.size()) < cap + kBlock + 8) s.cand.resize(cap + kBlock + 8);
   const BracketCounts c = count_and_compact(nat, adv, n, w, b, s.cand.data(), cap);
   if (!c.overflow && c.nan > 0) return nan_selection(c.nonfinite);
   KeyPair pair;
-  if (!resolve(c, b, s.cand.data(), ip, pair)) return radix_serial(nat, adv, n, w, p, Path::kFallback);
+  if (!resolve(c, b, s.cand.data(), ip, s, pair)) return radix_serial(nat, adv, n, w, p, Path::kFallback);
   return {threshold_from(pair.lo, pair.hi, ip.g), c.nonfinite, Path::kBracket};
 }
 
@@ -451,9 +577,10 @@ template <typename T>
 Selection bracket_split(const T* nat, const T* adv, int64_t n, Weights w, double p) {
   const int threads = omp_get_max_threads();
   static std::vector<std::vector<uint32_t>> slices;
-  static std::vector<uint32_t> sample, cand;
+  static std::vector<uint32_t> cand;
+  Scratch& s = thread_scratch();
   const Interpolation ip = interpolation(n, p);
-  const Bracket b = sample_bracket(nat, adv, n, w, ip, sample);
+  const Bracket b = sample_bracket(nat, adv, n, w, ip, s);
   const int64_t cap = candidate_capacity(n);
   slices.resize(threads);
   std::vector<BracketCounts> parts(threads);
@@ -462,7 +589,7 @@ Selection bracket_split(const T* nat, const T* adv, int64_t n, Weights w, double
     const int t = omp_get_thread_num();
     const auto [begin, end] = slice_of(n, threads, t);
     std::vector<uint32_t>& mine = slices[t];
-    if (static_cast<int64_t>(mine.size()) < cap + kBlock) mine.resize(cap + kBlock);
+    if (static_cast<int64_t>(mine.size()) < cap + kBlock + 8) mine.resize(cap + kBlock + 8);
     parts[t] = count_and_compact(nat + begin, adv + begin, end - begin, w, b, mine.data(), cap);
   }
   BracketCounts c;
@@ -485,7 +612,7 @@ Selection bracket_split(const T* nat, const T* adv, int64_t n, Weights w, double
       offset += parts[t].mid;
     }
   }
-  if (!resolve(c, b, cand.data(), ip, pair)) return radix_split(nat, adv, n, w, p, Path::kFallback);
+  if (!resolve(c, b, cand.data(), ip, s, pair)) return radix_split(nat, adv, n, w, p, Path::kFallback);
   return {threshold_from(pair.lo, pair.hi, ip.g), c.nonfinite, Path::kBracket};
 }
 

@@ -32,7 +32,6 @@ namespace {
 using cpu::Weights;
 
 constexpr int64_t kChunk = 1 << 15;  // elements per chunk of the apply pass
-constexpr int64_t kBlock = 256;      // elements per block inside a chunk
 
 struct Entry {
   at::Tensor param, grad, nat, adv, buf, rev;  // contiguous (copies where the caller's were not); rev may be undefined
@@ -56,41 +55,32 @@ int64_t apply_range(const Entry& e, int64_t begin, int64_t end, const Hyper& h, 
   T* rev = REVISE ? e.rev.data_ptr<T>() + begin : nullptr;
   const int64_t n = end - begin;
   int64_t kept = 0;
-  bool masked[kBlock];
-  for (int64_t base = 0; base < n; base += kBlock) {
-    const int64_t len = std::min(kBlock, n - base);
-    if (MASK) {
-      int64_t k = 0;
-      for (int64_t j = 0; j < len; ++j) {
-        masked[j] = cpu::score(nat[base + j], adv[base + j], h.w) < thr;
-        k += !masked[j];
-      }
-      kept += k;
-      for (int64_t j = 0; j < len; ++j) grad[base + j] = masked[j] ? T(0) : grad[base + j];
-    } else {
-      kept += len;
-    }
+  // No iteration reads an element another iteration writes (grad may be g_nat or g_adv itself: each
+  // element's score is read before its masked value is written), so the loop vectorises as written.
+#pragma GCC ivdep
+  for (int64_t i = 0; i < n; ++i) {
+    const bool masked = MASK && cpu::score(nat[i], adv[i], h.w) < thr;
+    const T g_in = grad[i];
+    const T g_out = masked ? T(0) : g_in;
+    if (MASK) grad[i] = g_out;
+    kept += !masked;
     if (STEP) {
-      for (int64_t j = 0; j < len; ++j) {
-        const int64_t i = base + j;
-        const float g = static_cast<float>(grad[i]);  // as masked and stored
-        const float x = static_cast<float>(param[i]);
-        const float v = static_cast<float>(buf[i]);
-        const float d = g + h.weight_decay * x;
-        const T v_new = static_cast<T>(h.momentum * v + d);
-        const T x_new = static_cast<T>(x - h.lr * static_cast<float>(v_new));
-        if (FREEZE && MASK && masked[j]) continue;
-        buf[i] = v_new;
-        param[i] = x_new;
-      }
+      const float g = static_cast<float>(g_out);  // as masked and stored
+      const T x_in = param[i];
+      const T v_in = buf[i];
+      const float x = static_cast<float>(x_in);
+      const float v = static_cast<float>(v_in);
+      const float d = g + h.weight_decay * x;
+      const T v_new = static_cast<T>(h.momentum * v + d);
+      const T x_new = static_cast<T>(x - h.lr * static_cast<float>(v_new));
+      const bool frozen = FREEZE && masked;
+      buf[i] = frozen ? v_in : v_new;
+      param[i] = frozen ? x_in : x_new;
     }
     if (REVISE) {
-      for (int64_t j = 0; j < len; ++j) {
-        const int64_t i = base + j;
-        const float a = h.decay * static_cast<float>(rev[i]);
-        const float b = h.keep * static_cast<float>(param[i]);
-        rev[i] = static_cast<T>(a + b);
-      }
+      const float a = h.decay * static_cast<float>(rev[i]);
+      const float b = h.keep * static_cast<float>(param[i]);
+      rev[i] = static_cast<T>(a + b);
     }
   }
   return kept;
