@@ -1,11 +1,11 @@
 // CPU kernel of cure::rgp_mask: exact per-tensor p-quantile masking of the update by Robust
 // Gradient Prominence (paper Eq. 6), bit for bit equal to numpy.quantile (docs/method.md).
 //
-// Two phases. (1) select_cpu.cpp finds every tensor's threshold exactly, reading the gradients once
-// for large tensors (the sampling bracket; docs/selection.md). (2) One apply pass over all tensors'
-// chunks in parallel recomputes each score and zeroes update[s < thr]: 8 B of gradients read and the
-// update read and written once per element. A tensor whose threshold is NaN or 0 masks nothing and is
-// not read again.
+// Per tensor: select_cpu.cpp finds the threshold exactly, reading the gradients once for large
+// tensors (the sampling bracket; docs/selection.md); right after it, on the same thread (or on all
+// threads for a tensor split over them), the apply pass recomputes each score and zeroes
+// update[s < thr]: 8 B of gradients read again (mostly from the last-level cache) and the update read
+// and written once per element. A tensor whose threshold is NaN or 0 masks nothing and is not read again.
 #include <ATen/ATen.h>
 #include <omp.h>
 #include <torch/library.h>
@@ -28,7 +28,7 @@ struct Entry {
 };
 
 template <typename T>
-int64_t mask_range(T* update, const T* nat, const T* adv, int64_t n, Weights w, float thr) {
+inline __attribute__((always_inline)) int64_t mask_range(T* update, const T* nat, const T* adv, int64_t n, Weights w, float thr) {
   int64_t kept = 0;
   // The update may be g_nat or g_adv itself: each element's score is read before it is written, and
   // no iteration reads what another writes.
@@ -41,10 +41,15 @@ int64_t mask_range(T* update, const T* nat, const T* adv, int64_t n, Weights w, 
   return kept;
 }
 
+CURE_TARGET_AVX2 int64_t mask_range_avx2(float* update, const float* nat, const float* adv, int64_t n, Weights w,
+                                        float thr) {
+  return mask_range(update, nat, adv, n, w, thr);
+}
+
 int64_t mask_chunk(const Entry& e, int64_t begin, int64_t end, Weights w, float thr) {
   switch (e.update.scalar_type()) {
     case at::kFloat:
-      return mask_range(e.update.data_ptr<float>() + begin, e.nat.data_ptr<float>() + begin,
+      return (cpu::has_avx2() ? mask_range_avx2 : mask_range<float>)(e.update.data_ptr<float>() + begin, e.nat.data_ptr<float>() + begin,
                         e.adv.data_ptr<float>() + begin, end - begin, w, thr);
     case at::kBFloat16:
       return mask_range(e.update.data_ptr<c10::BFloat16>() + begin, e.nat.data_ptr<c10::BFloat16>() + begin,
@@ -84,19 +89,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_mask_cpu(at::TensorList updat
   inputs.reserve(count);
   for (const Entry& e : entries)
     inputs.push_back({e.nat.data_ptr(), e.adv.data_ptr(), e.update.scalar_type(), e.n});
-  const std::vector<cpu::Selection> sel = cpu::select_thresholds(inputs, w, p);
-
-  std::vector<int64_t> sizes(count, 0);
-  for (int64_t i = 0; i < count; ++i)
-    if (cpu::masks_anything(sel[i].threshold)) sizes[i] = entries[i].n;
-  const std::vector<cpu::Chunk> chunks = cpu::chunks_of(sizes, kChunk);
-  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
-  std::vector<int64_t> chunk_kept(n_chunks);
-#pragma omp parallel for schedule(dynamic, 1) if (n_chunks > 1)
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    const cpu::Chunk& ch = chunks[c];
-    chunk_kept[c] = mask_chunk(entries[ch.tensor], ch.begin, ch.end, w, sel[ch.tensor].threshold);
-  }
+  // Each tensor is masked right after its selection, while its gradients are still in the cache.
+  std::vector<int64_t> kept_count(count, 0);
+  const cpu::AfterSelect mask_tensor = [&](int64_t i, const cpu::Selection& s, bool split) {
+    const Entry& e = entries[i];
+    if (!cpu::masks_anything(s.threshold)) {
+      kept_count[i] = e.n;
+      return;
+    }
+    if (!split) {
+      kept_count[i] = mask_chunk(e, 0, e.n, w, s.threshold);
+      return;
+    }
+    const int64_t n_chunks = (e.n + kChunk - 1) / kChunk;
+    int64_t kept_total = 0;
+#pragma omp parallel for schedule(static) reduction(+ : kept_total)
+    for (int64_t c = 0; c < n_chunks; ++c)
+      kept_total += mask_chunk(e, c * kChunk, std::min(e.n, (c + 1) * kChunk), w, s.threshold);
+    kept_count[i] = kept_total;
+  };
+  const std::vector<cpu::Selection> sel = cpu::select_thresholds(inputs, w, p, mask_tensor);
 
   auto thresholds = at::empty({count}, at::TensorOptions().dtype(at::kFloat));
   auto kept = at::empty({count}, at::TensorOptions().dtype(at::kLong));
@@ -106,10 +118,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_mask_cpu(at::TensorList updat
   int64_t* nonfinite_out = nonfinite.data_ptr<int64_t>();
   for (int64_t i = 0; i < count; ++i) {
     thr_out[i] = sel[i].threshold;
-    kept_out[i] = entries[i].n - sizes[i];  // tensors that mask nothing keep everything
+    kept_out[i] = kept_count[i];
     nonfinite_out[i] = sel[i].nonfinite;
   }
-  for (int64_t c = 0; c < n_chunks; ++c) kept_out[chunks[c].tensor] += chunk_kept[c];
   for (int64_t i = 0; i < count; ++i) {
     // The kernel wrote into a contiguous copy where the caller's update was strided: write it back.
     if (!entries[i].update.is_same(updates[i])) updates[i].copy_(entries[i].update);

@@ -650,7 +650,8 @@ Selection select_one(const SelectInput& in, Weights w, double p, bool split) {
 
 }  // namespace
 
-std::vector<Selection> select_thresholds(const std::vector<SelectInput>& inputs, Weights w, double p) {
+std::vector<Selection> select_thresholds(const std::vector<SelectInput>& inputs, Weights w, double p,
+                                         const AfterSelect& after) {
   const int64_t count = static_cast<int64_t>(inputs.size());
   int64_t total = 0;
   for (const SelectInput& in : inputs) total += in.n;
@@ -662,12 +663,19 @@ std::vector<Selection> select_thresholds(const std::vector<SelectInput>& inputs,
     const bool big = threads > 1 && n >= kSplitMin && n * threads > total;
     (big ? split : serial).push_back(i);
   }
-  for (const int64_t i : split) results[i] = select_one(inputs[i], w, p, true);
+  for (const int64_t i : split) {
+    results[i] = select_one(inputs[i], w, p, true);
+    if (after) after(i, results[i], true);
+  }
   // Largest first: the greedy hand-out then balances the threads to within one small tensor.
   std::stable_sort(serial.begin(), serial.end(), [&](int64_t a, int64_t b) { return inputs[a].n > inputs[b].n; });
   const int64_t n_serial = static_cast<int64_t>(serial.size());
 #pragma omp parallel for schedule(dynamic, 1) if (n_serial > 1)
-  for (int64_t j = 0; j < n_serial; ++j) results[serial[j]] = select_one(inputs[serial[j]], w, p, false);
+  for (int64_t j = 0; j < n_serial; ++j) {
+    const int64_t i = serial[j];
+    results[i] = select_one(inputs[i], w, p, false);
+    if (after) after(i, results[i], false);
+  }
   return results;
 }
 

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -67,9 +68,16 @@ struct Selection {
   Path path = Path::kEmpty;
 };
 
+// Called once per tensor right after its selection: on the thread that selected it (split = false), or,
+// for a tensor that was split over all threads, outside any parallel region (split = true, so the
+// callback may start its own). Running the apply pass of a tensor here re-reads its gradients while
+// they are still in the last-level cache.
+using AfterSelect = std::function<void(int64_t index, const Selection& selection, bool split)>;
+
 // Thresholds and non-finite counts of every tensor, exact. Tensors are handed to the OpenMP threads
 // largest first; a tensor larger than its fair share is split over all threads.
-std::vector<Selection> select_thresholds(const std::vector<SelectInput>& inputs, Weights w, double p);
+std::vector<Selection> select_thresholds(const std::vector<SelectInput>& inputs, Weights w, double p,
+                                         const AfterSelect& after = nullptr);
 
 // A range of one tensor's elements for the apply passes, which run over all tensors' chunks in one
 // parallel loop (every chunk is independent once the thresholds are known).
@@ -83,6 +91,19 @@ inline std::vector<Chunk> chunks_of(const std::vector<int64_t>& sizes, int64_t c
     for (int64_t b = 0; b < sizes[i]; b += chunk) out.push_back({i, b, std::min(sizes[i], b + chunk)});
   return out;
 }
+
+// Compiles a function for AVX2 (no FMA: the build's -ffp-contract=off still applies); callers check
+// has_avx2() first.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define CURE_TARGET_AVX2 __attribute__((target("avx2")))
+inline bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes;
+}
+#else
+#define CURE_TARGET_AVX2
+inline bool has_avx2() { return false; }
+#endif
 
 // Whether an apply pass must compare scores with the threshold at all: a NaN threshold masks
 // nothing (s < NaN is false), and neither does 0 (scores are >= +0 or NaN).

@@ -2,12 +2,13 @@
 // (momentum, weight decay, dampening 0, no Nesterov) in mask mode "grad" or "update", and the
 // revision EMA (paper Eq. 7), bit for bit equal to cure_kernels.sgd_step.rgp_sgd_step_reference.
 //
-// Two phases. (1) select_cpu.cpp finds every tensor's threshold and non-finite count exactly (large
-// tensors: one read of g_nat and g_adv, the sampling bracket; docs/selection.md). Only then is the
-// skip decision known (skip given and nonzero, or any score of the call not finite), so no
-// parameter is written before every tensor is selected. (2) One apply pass over all tensors' chunks
-// in parallel reads g (and g_nat, g_adv to recompute the score, unless the threshold masks nothing),
-// param, buf (and rev) once and writes the masked g, param, buf (and rev).
+// select_cpu.cpp finds every tensor's threshold and non-finite count exactly (large tensors: one read
+// of g_nat and g_adv, the sampling bracket; docs/selection.md). The apply pass of a tensor reads g (and
+// g_nat, g_adv to recompute the score, unless the threshold masks nothing), param, buf (and rev) once
+// and writes the masked g, param, buf (and rev). Without skip it runs right after the tensor's
+// selection (its gradients still in the cache). With skip, the decision (skip nonzero, or any score of
+// the call not finite) needs every tensor's non-finite count, so no parameter is written before every
+// tensor is selected; then one apply pass runs over all tensors' chunks in parallel.
 //
 // Per element, in float32 with every product and sum rounded separately (-ffp-contract=off), values
 // upcast exactly from bfloat16/float16 and stored round-to-nearest-even:
@@ -22,6 +23,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "select_cpu.h"
@@ -46,7 +48,7 @@ struct Hyper {
 // One chunk of one tensor. MASK: compare scores with thr (false when thr masks nothing); FREEZE: mask
 // mode "update"; STEP: the SGD update is applied (not skipped); REVISE: the revision EMA runs.
 template <typename T, bool MASK, bool FREEZE, bool STEP, bool REVISE>
-int64_t apply_range(const Entry& e, int64_t begin, int64_t end, const Hyper& h, float thr) {
+inline __attribute__((always_inline)) int64_t apply_range(const Entry& e, int64_t begin, int64_t end, const Hyper& h, float thr) {
   T* grad = e.grad.data_ptr<T>() + begin;
   T* param = e.param.data_ptr<T>() + begin;
   T* buf = e.buf.data_ptr<T>() + begin;
@@ -86,6 +88,19 @@ int64_t apply_range(const Entry& e, int64_t begin, int64_t end, const Hyper& h, 
   return kept;
 }
 
+template <bool MASK, bool FREEZE, bool STEP, bool REVISE>
+CURE_TARGET_AVX2 int64_t apply_range_avx2(const Entry& e, int64_t begin, int64_t end, const Hyper& h, float thr) {
+  return apply_range<float, MASK, FREEZE, STEP, REVISE>(e, begin, end, h, thr);
+}
+
+template <typename T, bool MASK, bool FREEZE, bool STEP, bool REVISE>
+int64_t apply_dispatch(const Entry& e, int64_t begin, int64_t end, const Hyper& h, float thr) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu::has_avx2()) return apply_range_avx2<MASK, FREEZE, STEP, REVISE>(e, begin, end, h, thr);
+  }
+  return apply_range<T, MASK, FREEZE, STEP, REVISE>(e, begin, end, h, thr);
+}
+
 template <typename T>
 int64_t apply_chunk(const Entry& e, int64_t begin, int64_t end, const Hyper& h, float thr, bool freeze, bool step,
                     bool revise) {
@@ -94,7 +109,7 @@ int64_t apply_chunk(const Entry& e, int64_t begin, int64_t end, const Hyper& h, 
   const int sel = (mask ? 8 : 0) | (freeze ? 4 : 0) | (step ? 2 : 0) | (revise ? 1 : 0);
   switch (sel) {
 #define CURE_APPLY_CASE(S) \
-  case S: return apply_range<T, ((S) & 8) != 0, ((S) & 4) != 0, ((S) & 2) != 0, ((S) & 1) != 0>(e, begin, end, h, thr);
+  case S: return apply_dispatch<T, ((S) & 8) != 0, ((S) & 4) != 0, ((S) & 2) != 0, ((S) & 1) != 0>(e, begin, end, h, thr);
     CURE_APPLY_CASE(0) CURE_APPLY_CASE(1) CURE_APPLY_CASE(2) CURE_APPLY_CASE(3)
     CURE_APPLY_CASE(4) CURE_APPLY_CASE(5) CURE_APPLY_CASE(6) CURE_APPLY_CASE(7)
     CURE_APPLY_CASE(8) CURE_APPLY_CASE(9) CURE_APPLY_CASE(10) CURE_APPLY_CASE(11)
@@ -187,27 +202,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_sgd_step_cpu(
   std::vector<cpu::SelectInput> inputs;
   inputs.reserve(count);
   for (const Entry& e : entries) inputs.push_back({e.nat.data_ptr(), e.adv.data_ptr(), e.param.scalar_type(), e.n});
-  // Phase 1: every threshold, before anything is written.
-  const std::vector<cpu::Selection> sel = cpu::select_thresholds(inputs, w, p);
-  int64_t nonfinite_total = 0;
-  for (const cpu::Selection& s : sel) nonfinite_total += s.nonfinite;
-  const bool step = !(skip.has_value() && (skip_flag || nonfinite_total > 0));
-
-  // Phase 2: the apply pass. A tensor with nothing to write (skipped, no revision, nothing masked)
-  // gets no chunks.
   const Hyper h{w, static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(weight_decay),
                 static_cast<float>(decay), static_cast<float>(1.0 - decay)};
-  std::vector<int64_t> sizes(count, 0);
-  for (int64_t i = 0; i < count; ++i)
-    if (step || revise || cpu::masks_anything(sel[i].threshold)) sizes[i] = entries[i].n;
-  const std::vector<cpu::Chunk> chunks = cpu::chunks_of(sizes, kChunk);
-  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
-  std::vector<int64_t> chunk_kept(n_chunks);
+  std::vector<int64_t> kept_count(count, 0);
+  // The apply pass of tensor i over all of it (parallel when the tensor was split over the threads).
+  auto apply_tensor = [&](int64_t i, float thr, bool step, bool parallel) {
+    const Entry& e = entries[i];
+    if (!(step || revise || cpu::masks_anything(thr))) {  // nothing to write
+      kept_count[i] = e.n;
+      return;
+    }
+    if (!parallel) {
+      kept_count[i] = apply_entry_chunk(e, 0, e.n, h, thr, freeze, step, revise);
+      return;
+    }
+    const int64_t n_chunks = (e.n + kChunk - 1) / kChunk;
+    int64_t kept_total = 0;
+#pragma omp parallel for schedule(static) reduction(+ : kept_total)
+    for (int64_t c = 0; c < n_chunks; ++c)
+      kept_total += apply_entry_chunk(e, c * kChunk, std::min(e.n, (c + 1) * kChunk), h, thr, freeze, step, revise);
+    kept_count[i] = kept_total;
+  };
+
+  std::vector<cpu::Selection> sel;
+  if (!skip.has_value()) {
+    // No skip decision to wait for: each tensor is updated right after its selection, while its
+    // gradients are still in the cache.
+    sel = cpu::select_thresholds(inputs, w, p, [&](int64_t i, const cpu::Selection& s, bool split) {
+      apply_tensor(i, s.threshold, true, split);
+    });
+  } else {
+    // Phase 1: every threshold, before anything is written (the skip decision needs every tensor's
+    // non-finite count). Phase 2: the apply pass over all tensors' chunks in parallel.
+    sel = cpu::select_thresholds(inputs, w, p);
+    int64_t nonfinite_total = 0;
+    for (const cpu::Selection& s : sel) nonfinite_total += s.nonfinite;
+    const bool step = !(skip_flag || nonfinite_total > 0);
+    std::vector<int64_t> sizes(count, 0);
+    for (int64_t i = 0; i < count; ++i)
+      if (step || revise || cpu::masks_anything(sel[i].threshold)) sizes[i] = entries[i].n;
+    const std::vector<cpu::Chunk> chunks = cpu::chunks_of(sizes, kChunk);
+    const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+    std::vector<int64_t> chunk_kept(n_chunks);
 #pragma omp parallel for schedule(dynamic, 1) if (n_chunks > 1)
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    const cpu::Chunk& ch = chunks[c];
-    chunk_kept[c] = apply_entry_chunk(entries[ch.tensor], ch.begin, ch.end, h, sel[ch.tensor].threshold, freeze,
-                                      step, revise);
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      const cpu::Chunk& ch = chunks[c];
+      chunk_kept[c] = apply_entry_chunk(entries[ch.tensor], ch.begin, ch.end, h, sel[ch.tensor].threshold, freeze,
+                                        step, revise);
+    }
+    for (int64_t i = 0; i < count; ++i) kept_count[i] = entries[i].n - sizes[i];  // no chunks: all kept
+    for (int64_t c = 0; c < n_chunks; ++c) kept_count[chunks[c].tensor] += chunk_kept[c];
   }
 
   auto thresholds = at::empty({count}, at::TensorOptions().dtype(at::kFloat));
@@ -218,10 +262,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_sgd_step_cpu(
   int64_t* nonfinite_out = nonfinite.data_ptr<int64_t>();
   for (int64_t i = 0; i < count; ++i) {
     thr_out[i] = sel[i].threshold;
-    kept_out[i] = entries[i].n - sizes[i];  // tensors without chunks keep everything
+    kept_out[i] = kept_count[i];
     nonfinite_out[i] = sel[i].nonfinite;
   }
-  for (int64_t c = 0; c < n_chunks; ++c) kept_out[chunks[c].tensor] += chunk_kept[c];
   // The kernel wrote into contiguous copies where the caller's tensors were strided: write them back.
   for (int64_t i = 0; i < count; ++i) {
     const Entry& e = entries[i];
