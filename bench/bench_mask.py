@@ -7,8 +7,13 @@ Providers, all in one process on the same gradients (real parameter shapes of th
   torch-quantile  per tensor on the device: torch.quantile (refuses tensors above 2^24 elements)
   cure-<backend>  cure_kernels.rgp_mask_ with each fast backend that runs on the device
 
-Usage:  python bench/bench_mask.py [--device cpu|cuda] [--models resnet18,wrn-34-10] [--reps N]
-Writes bench/results/mask_<device>.csv and prints one table.
+  cure-cpu@<sha>  the CPU kernel as of bench.common.BASELINE_COMMIT (before the one-read selection), built
+                  from git under its own op namespace: the old/new comparison in one process
+
+Usage:  python bench/bench_mask.py [--device cpu|cuda] [--models resnet18,wrn-34-10,large] [--data random,zeros30]
+                                   [--threads 2] [--providers official,cure-cpu,cure-cpu@] [--reps N]
+On the CPU the providers' repetitions are interleaved (round robin). Results are merged into
+bench/results/mask_<device>.csv by (bench, model, provider, device, threads, data); prints one table.
 """
 
 from __future__ import annotations
@@ -25,7 +30,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import cure_kernels as ck  # noqa: E402
-from bench.common import environment, print_table, time_fn, write_csv  # noqa: E402
+from bench.common import (  # noqa: E402
+    BASELINE_COMMIT,
+    environment,
+    load_cpu_mask_baseline,
+    print_table,
+    time_fn,
+    time_round_robin,
+    write_csv,
+)
 from cure_kernels import reference  # noqa: E402
 
 ALPHA, P = 0.1, 0.3
@@ -102,14 +115,38 @@ def _mask_with(backend: str):
     return lambda u, n, a: ck.rgp_mask_(u, n, a, alpha=ALPHA, p=P, backend=backend)
 
 
-def bench_model(model_name: str, device: torch.device, reps: int, env: dict) -> list[dict]:
+def _before_provider() -> dict:
+    """The CPU kernel before the one-read selection (bench.common.BASELINE_COMMIT), when it builds here."""
+    op = load_cpu_mask_baseline()
+    if op is None:
+        return {}
+    return {f"cure-cpu@{BASELINE_COMMIT}": lambda u, n, a: op(u, n, a, ALPHA, P)}
+
+
+def gradients(shapes: list[tuple[int, ...]], data: str, device: torch.device, seed: int = 0):
+    """g_nat, g_adv and an update per shape. data "random": normal entries; "zeros30": the same 30 % of
+    the entries of g_nat and g_adv exactly zero (scores exactly 0, as behind dead units)."""
+    gen = torch.Generator().manual_seed(seed)
+    nat = [torch.randn(s, generator=gen) for s in shapes]
+    adv = [torch.randn(s, generator=gen) for s in shapes]
+    if data == "zeros30":
+        for a, b in zip(nat, adv):
+            dead = torch.rand(a.shape, generator=gen) < 0.3
+            a[dead] = 0.0
+            b[dead] = 0.0
+    elif data != "random":
+        raise ValueError(f"unknown data kind {data!r}; choose random or zeros30")
+    updates = [torch.randn(s, generator=gen) for s in shapes]
+    return [[t.to(device) for t in ts] for ts in (nat, adv, updates)]
+
+
+def bench_model(model_name: str, device: torch.device, reps: int, env: dict, data: str = "random",
+                providers: list[str] | None = None, revise: bool = True) -> list[dict]:
     shapes = param_shapes(model_name)
     n_params = sum(math.prod(s) for s in shapes)
-    common = {"model": model_name, "params_M": n_params / 1e6, "tensors": len(shapes)}
-    gen = torch.Generator().manual_seed(0)
-    nat = [torch.randn(s, generator=gen).to(device) for s in shapes]
-    adv = [torch.randn(s, generator=gen).to(device) for s in shapes]
-    original = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    common = {"model": model_name, "data": data, "threads": torch.get_num_threads(), "device": device.type,
+              "params_M": n_params / 1e6, "tensors": len(shapes)}
+    nat, adv, original = gradients(shapes, data, device)
     updates = [o.clone() for o in original]
     expected = [o.clone() for o in original]
     reference.rgp_mask_reference(expected, nat, adv, ALPHA, P)
@@ -118,9 +155,15 @@ def bench_model(model_name: str, device: torch.device, reps: int, env: dict) -> 
         for u, o in zip(updates, original):
             u.copy_(o)
 
-    providers = dict(BASELINES) | {f"cure-{b}": _mask_with(b) for b in _our_backends(device)}
-    rows, official_ms = [], None
-    for name, fn in providers.items():
+    candidates = dict(BASELINES) | {f"cure-{b}": _mask_with(b) for b in _our_backends(device)}
+    if device.type == "cpu" and (providers is None or any("@" in p for p in providers)):
+        candidates |= _before_provider()
+    if providers is not None:
+        # "cure-cpu@" selects the baseline build whatever its commit
+        candidates = {k: v for k, v in candidates.items()
+                      if k in providers or ("@" in k and k.split("@")[0] + "@" in providers)}
+    rows, timed = [], {}
+    for name, fn in candidates.items():
         try:
             restore()
             fn(updates, nat, adv)
@@ -128,13 +171,20 @@ def bench_model(model_name: str, device: torch.device, reps: int, env: dict) -> 
             rows.append({"bench": "mask", **common, "provider": name, "note": str(exc).split("\n")[0][:60], **env})
             continue
         exact = all(torch.equal(u, e) for u, e in zip(updates, expected))
-        t = time_fn(functools.partial(fn, updates, nat, adv), device, reps=reps, setup=restore)
-        if name == "official":
-            official_ms = t.median_ms
+        timed[name] = (functools.partial(fn, updates, nat, adv), exact)
+    if device.type == "cpu":  # interleaved repetitions: a shared machine's load hits every provider alike
+        timings = time_round_robin({k: f for k, (f, _) in timed.items()}, reps=reps, setup=restore)
+    else:
+        timings = {k: time_fn(f, device, reps=reps, setup=restore) for k, (f, _) in timed.items()}
+    official_ms = timings["official"].median_ms if "official" in timings else None
+    for name, (_, exact) in timed.items():
+        t = timings[name]
         rows.append({"bench": "mask", **common, "provider": name, "median_ms": t.median_ms, "p20_ms": t.p20_ms,
                      "p80_ms": t.p80_ms, "GB/s": n_params * BYTES_PER_PARAM_MASK / (t.median_ms * 1e-3) / 1e9,
                      "speed-up": official_ms / t.median_ms if official_ms else None, "exact": exact, **env})
-        print(f"  {model_name:10s} {name:15s} {t.median_ms:9.3f} ms  exact={exact}", file=sys.stderr)
+        print(f"  {model_name:10s} {data:8s} {name:22s} {t.median_ms:9.3f} ms  exact={exact}", file=sys.stderr)
+    if not revise:
+        return rows
 
     # Revision pass: rev <- d*rev + (1-d)*param over all tensors (read 2, write 1: 12 B/param).
     revision = [o.clone() for o in original]
@@ -155,24 +205,36 @@ def bench_model(model_name: str, device: torch.device, reps: int, env: dict) -> 
     return rows
 
 
+CSV_KEY = ["bench", "model", "provider", "device", "threads", "data"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", default="resnet18,wrn-34-10",
                         help="comma-separated: resnet18, preact-resnet18, wrn-34-10, large")
+    parser.add_argument("--data", default="random", help="comma-separated: random, zeros30 (30 %% exact zeros)")
+    parser.add_argument("--providers", default=None,
+                        help="comma-separated subset to time (default: all), e.g. official,cure-cpu,cure-cpu@")
+    parser.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: unchanged)")
+    parser.add_argument("--no-revise", action="store_true", help="skip the revision-pass rows")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 7 on CPU, 50 on CUDA)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     reps = args.reps or (50 if device.type == "cuda" else 7)
+    providers = args.providers.split(",") if args.providers else None
     env = environment(device)
-    rows = [row for name in args.models.split(",") for row in bench_model(name, device, reps, env)]
-    path = write_csv(f"mask_{device.type}.csv", rows)
+    rows = [row for name in args.models.split(",") for data in args.data.split(",")
+            for row in bench_model(name, device, reps, env, data, providers, not args.no_revise)]
+    path = write_csv(f"mask_{device.type}.csv", rows, key=CSV_KEY)
     print(f"\nRGP mask and revision passes on {env['machine']} (torch {env['torch']}, git {env['git_sha']}); "
           f"alpha={ALPHA}, p={P}.\nGB/s counts 16 B/param for the mask (read 3 fp32, write 1) and 12 for revise; "
           f"speed-up is over the official path (mask) or torch-foreach (revise).")
-    print_table(rows, ["bench", "model", "params_M", "tensors", "provider", "median_ms", "p20_ms", "p80_ms",
-                       "GB/s", "speed-up", "exact", "note"])
-    print(f"\nwrote {path}")
+    print_table(rows, ["bench", "model", "data", "threads", "params_M", "tensors", "provider", "median_ms", "p20_ms",
+                       "p80_ms", "GB/s", "speed-up", "exact", "note"])
+    print(f"\nwrote {path} (merged by {', '.join(CSV_KEY)})")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ revise: ``rev <- f32(decay)*rev + f32(1-decay)*param`` must equal the reference 
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -388,3 +390,230 @@ def test_revise_non_contiguous_and_mixed_dtypes():
     for r, e in zip(revision, expected):
         _assert_same_values(r, e)
     assert torch.equal(base[:, 1::2], untouched)
+
+
+# --- the sampling bracket of the selection (csrc/cpu/select_cpu.cpp, docs/selection.md) ---------------
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.bracket_hit_rate import BRACKET_MIN, bracket_outcome, sample_index  # noqa: E402
+
+PATHS = ("empty", "direct", "bracket", "fallback", "nonfinite")
+
+
+def _path_counts() -> dict[str, int]:
+    return dict(zip(PATHS, torch.ops.cure.cpu_selection_counters(True).tolist()))
+
+
+def bracket_gradients(kind: str, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (with alpha = 0.5 in mind) built to defeat the sampling bracket in the named way."""
+    a, b = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    sampled = torch.zeros(n, dtype=torch.bool)
+    sampled[sample_index(n)] = True
+    if kind == "random":
+        pass
+    elif kind == "all_equal":
+        a, b = torch.full((n,), 0.75), torch.full((n,), -0.25)
+    elif kind == "ties_at_lo":  # four values: the bracket's lo is one of them, with a run of copies
+        a = torch.randint(0, 4, (n,), generator=gen).float()
+        b = a.clone()
+    elif kind == "run_straddling_k":  # half of the scores equal, covering ranks 0.1 n .. 0.6 n
+        s = torch.rand(n, generator=gen)
+        s = torch.where(s < 0.1, s, torch.where(s < 0.6, torch.tensor(0.5), s + 1.0))
+        a, b = s, s
+    elif kind in ("zeros30", "zeros80"):
+        keep = torch.rand(n, generator=gen) < (0.7 if kind == "zeros30" else 0.2)
+        a, b = a * keep, b * keep
+    elif kind == "nan":
+        a[torch.randint(0, n, (3,), generator=gen)] = math.nan
+    elif kind == "inf":  # +inf scores (legal keys), 40 %: the quantile's neighbours may be inf
+        a[torch.rand(n, generator=gen) < 0.4] = math.inf
+    elif kind == "sorted":
+        a = torch.sort(a.abs()).values
+        b = a.clone()
+    elif kind == "sample_small":  # the sampled tiles hold tiny scores, the rest is large: ranks above hi
+        a = torch.where(sampled, a * 1e-3, a + 10.0)
+        b = a.clone()
+    elif kind == "sample_large":  # the sampled tiles hold huge scores: ranks below lo
+        a = torch.where(sampled, a + 1e6, a)
+        b = a.clone()
+    elif kind == "two_values":
+        a = torch.where(torch.rand(n, generator=gen) < 0.5, 1.0, 1024.0)
+        b = a.clone()
+    elif kind == "denormal":
+        a, b = a * 1e-40, b * 1e-41
+    elif kind == "overflow":  # the sample is uniform on [0, 1); the rest crowds inside the bracket
+        u = torch.rand(n, generator=gen)
+        a = torch.where(sampled, u, 0.3 + 1e-4 * u)
+        b = a.clone()
+    else:
+        raise ValueError(kind)
+    return a, b
+
+
+BRACKET_KINDS = ("random", "all_equal", "ties_at_lo", "run_straddling_k", "zeros30", "zeros80", "nan", "inf",
+                 "sorted", "sample_small", "sample_large", "two_values", "denormal", "overflow")
+# Kinds whose outcome is known by construction (the others depend on the draw; the mirror predicts them).
+EXPECTED_PATH = {"random": "bracket", "all_equal": "bracket", "zeros30": "bracket", "zeros80": "bracket",
+                 "nan": "nonfinite", "sample_small": "fallback", "sample_large": "fallback", "overflow": "fallback"}
+
+
+def _sgd_lists(nat, adv, gen):
+    n = nat.numel()
+    return [torch.randn(n, generator=gen), torch.randn(n, generator=gen), nat, adv,
+            0.1 * torch.randn(n, generator=gen), torch.randn(n, generator=gen)]
+
+
+def check_sgd_step_against_reference(lists, alpha, p, **kw) -> ck.MaskStats:
+    expected = [[t.clone() for t in ts] for ts in lists]
+    common = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-3, "alpha": alpha, "p": p, **kw}
+    exp = ck.rgp_sgd_step_(expected[0], expected[1], expected[2], expected[3], expected[4], revision=expected[5],
+                           decay=0.99, backend="reference", **common)
+    got = ck.rgp_sgd_step_(lists[0], lists[1], lists[2], lists[3], lists[4], revision=lists[5], decay=0.99,
+                           backend="cpu", **common)
+    assert_same_thresholds(got.thresholds, exp.thresholds)
+    assert torch.equal(got.kept, exp.kept) and torch.equal(got.nonfinite, exp.nonfinite)
+    for name, i in (("params", 0), ("grads", 1), ("momentum_buffers", 4), ("revision", 5)):
+        for j, (x, y) in enumerate(zip(lists[i], expected[i])):
+            same = (_bits(x) == _bits(y)) | (torch.isnan(x) & torch.isnan(y))
+            assert bool(same.all()), f"{name}[{j}] differs from the reference"
+    return got
+
+
+@pytest.mark.parametrize("layout", ["alone", "with_peer"])
+@pytest.mark.parametrize("kind", BRACKET_KINDS)
+def test_bracket_defeating_inputs_are_exact_and_take_the_predicted_path(kind, layout):
+    """Exact for both ops whatever the bracket does; the path each tensor took (bracket hit, radix fallback
+    after a miss, NaN) is the one the Python mirror of the algorithm predicts, and where the construction
+    decides it, the intended one. "alone" splits the tensor over two threads, "with_peer" does not."""
+    gen = torch.Generator().manual_seed(100 + BRACKET_KINDS.index(kind))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for n, p in ((BRACKET_MIN, 0.3), (BRACKET_MIN + 1, 0.5), (300007, 0.3)):
+            a, b = bracket_gradients(kind, n, gen)
+            nats, advs = [a], [b]
+            if layout == "with_peer":
+                nats.append(torch.randn(n, generator=gen))
+                advs.append(torch.randn(n, generator=gen))
+            predicted = [bracket_outcome(reference.rgp_scores(x, y, 0.5).reshape(-1), p)[0] for x, y in zip(nats, advs)]
+            if kind in EXPECTED_PATH:
+                assert predicted[0] == EXPECTED_PATH[kind], (n, predicted)
+            _path_counts()
+            check_against_reference([torch.randn(n, generator=gen) for _ in nats], nats, advs, 0.5, p)
+            counts = _path_counts()
+            assert counts == {k: predicted.count(k) for k in PATHS}, (n, counts, predicted)
+            check_sgd_step_against_reference([[t] for t in _sgd_lists(a, b, gen)], 0.5, p, mask_mode="update",
+                                             skip=torch.tensor(0.0))
+            assert _path_counts()[predicted[0]] == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("p", (0.0, 1e-6, 0.3, 0.999, 1.0))
+def test_bracket_at_extreme_quantiles(p):
+    # Clamped sample ranks open the bracket at one end (lo = key 0 or hi = the largest key).
+    gen = torch.Generator().manual_seed(30)
+    for kind in ("random", "zeros80", "two_values"):
+        a, b = bracket_gradients(kind, 200003, gen)
+        check_against_reference([torch.randn(200003, generator=gen)], [a], [b], 0.5, p)
+
+
+# --- rgp_sgd_step ---------------------------------------------------------------------------------------
+
+SGD_SIZES = (0, 1, 2, 13, 257, 4097, 65537, 300007)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_mode", ["grad", "update"])
+@pytest.mark.parametrize("skip", [None, 0.0, 1.0, math.nan, "nan_score"])
+def test_sgd_step_matches_reference(dtype, mask_mode, skip):
+    gen = torch.Generator().manual_seed(40 + DTYPES.index(dtype))
+    lists = [[] for _ in range(6)]
+    for i, n in enumerate(SGD_SIZES):
+        a, b = gradients(KINDS[i % 8], n, gen)  # "nan" is KINDS[10]: not drawn here
+        for ts, t in zip(lists, _sgd_lists(a, b, gen)):
+            ts.append(t.to(dtype))
+    kw = {}
+    if skip == "nan_score":
+        lists[2][5][7] = math.nan
+        kw["skip"] = torch.tensor(False)
+    elif skip is not None:
+        kw["skip"] = torch.tensor(skip)
+    for revise in (False, True):
+        run = [[t.clone() for t in ts] for ts in lists]
+        if not revise:
+            before = [t.clone() for t in run[5]]
+        got = check_sgd_step_against_reference(run, 0.1, 0.3, mask_mode=mask_mode, **kw) if revise else None
+        if not revise:
+            expected = [[t.clone() for t in ts] for ts in run]
+            exp = ck.rgp_sgd_step_(*expected[:5], lr=0.1, momentum=0.9, weight_decay=5e-3, alpha=0.1, p=0.3,
+                                   mask_mode=mask_mode, backend="reference", **kw)
+            got = ck.rgp_sgd_step_(*run[:5], lr=0.1, momentum=0.9, weight_decay=5e-3, alpha=0.1, p=0.3,
+                                   mask_mode=mask_mode, backend="cpu", **kw)
+            assert_same_thresholds(got.thresholds, exp.thresholds)
+            assert torch.equal(got.kept, exp.kept)
+            for i in range(5):
+                assert all(torch.equal(_bits(x), _bits(y)) for x, y in zip(run[i], expected[i]))
+            assert all(torch.equal(_bits(x), _bits(y)) for x, y in zip(run[5], before))
+        # with skip given, a non-finite score anywhere (float16 overflow in "wide") skips the step too
+        skipped = skip is not None and (skip != 0.0 or int(got.nonfinite.sum()) > 0)
+        moved = any(not torch.equal(x, y) for x, y in zip(run[0], lists[0]))
+        assert moved != skipped
+        assert int(got.kept.sum()) < sum(SGD_SIZES)
+
+
+@pytest.mark.parametrize("hyper", [{"p": 0.0, "momentum": 0.0, "weight_decay": 0.0},
+                                   {"p": 1.0, "lr": 1.0, "alpha": 1.0},
+                                   {"p": 0.999, "momentum": 1.0, "alpha": 0.0, "lr": 0.0}])
+def test_sgd_step_at_extreme_hyperparameters(hyper):
+    gen = torch.Generator().manual_seed(50)
+    lists = [[t.bfloat16() for t in ts] for ts in zip(*[_sgd_lists(*gradients("ties", n, gen), gen)
+                                                        for n in (2, 77, 70001)])]
+    lists = [list(ts) for ts in lists]
+    kw = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-3, "alpha": 0.1, "p": 0.3, **hyper}
+    alpha, p = kw.pop("alpha"), kw.pop("p")
+    expected = [[t.clone() for t in ts] for ts in lists]
+    exp = ck.rgp_sgd_step_(*expected[:5], revision=expected[5], decay=0.0, alpha=alpha, p=p, mask_mode="update",
+                           backend="reference", **kw)
+    got = ck.rgp_sgd_step_(*lists[:5], revision=lists[5], decay=0.0, alpha=alpha, p=p, mask_mode="update",
+                           backend="cpu", **kw)
+    assert_same_thresholds(got.thresholds, exp.thresholds)
+    for i in range(6):
+        assert all(torch.equal(_bits(x), _bits(y)) for x, y in zip(lists[i], expected[i]))
+
+
+def test_sgd_step_mixed_dtypes_non_contiguous_and_aliased_gradients():
+    gen = torch.Generator().manual_seed(51)
+    dtypes = [torch.float32, torch.float16, torch.float32, torch.bfloat16]
+    shapes = [(300, 400), (9, 7), (700, 300), (50, 41)]
+
+    def tensor(i):  # transposed (non-contiguous) 2-D tensors of each dtype
+        return torch.randn(*shapes[i], generator=gen).to(dtypes[i]).t()
+
+    lists = [[tensor(i) for i in range(4)] for _ in range(6)]
+    lists[1][3] = lists[3][3]  # the update gradient is the adversarial gradient itself
+    assert not any(t.is_contiguous() for ts in lists for t in ts)
+    originals = [list(ts) for ts in lists]
+    check_sgd_step_against_reference(lists, 0.1, 0.3, mask_mode="grad")
+    assert all(a is b for ts, os in zip(lists, originals) for a, b in zip(ts, os))
+
+
+def test_sgd_step_above_two_to_the_24_elements():
+    n = 2**24 + 5
+    gen = torch.Generator().manual_seed(52)
+    nat = torch.randn(n, generator=gen).bfloat16().float()
+    lists = [[t] for t in _sgd_lists(nat, torch.randn(n, generator=gen), gen)]
+    check_sgd_step_against_reference(lists, 1.0, 0.3, mask_mode="update")
+
+
+def test_sgd_step_bad_arguments_reach_the_kernel_checks():
+    lists = [[torch.zeros(4)] for _ in range(5)]
+    op = torch.ops.cure.rgp_sgd_step
+    with pytest.raises(RuntimeError, match="mask_mode must be 'grad' or 'update'"):
+        op(*lists, [], 0.1, 0.9, 0.0, 0.1, 0.3, "weights", 0.0, None)
+    with pytest.raises(RuntimeError, match="momentum_buffers"):
+        op(*lists[:4], [], [], 0.1, 0.9, 0.0, 0.1, 0.3, "grad", 0.0, None)
+    with pytest.raises(RuntimeError, match="grads_adv\\[0\\] has shape"):
+        op(*lists[:3], [torch.zeros(5)], lists[4], [], 0.1, 0.9, 0.0, 0.1, 0.3, "grad", 0.0, None)
+    with pytest.raises(RuntimeError, match="skip must be a one-element"):
+        op(*lists, [], 0.1, 0.9, 0.0, 0.1, 0.3, "grad", 0.0, torch.zeros(2))

@@ -225,6 +225,55 @@ def test_triton_flat_buffer_views_are_updated_in_place(device):
     _assert_backend_matches_reference("triton", lists, mask_mode="grad")
 
 
+# --- the C++ CPU kernel against the reference, bit for bit (more in tests/test_cpu_backend.py) ----------
+needs_cpu_kernel = pytest.mark.skipif("cpu" not in ck.available_backends("cpu"),
+                                      reason="the C++ extension is not built here")
+CPU_SIZES = SIZES + (65537, 200003)  # the direct path, and the sampling bracket from 2^16 elements
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_mode", ["grad", "update"])
+@pytest.mark.parametrize("revise", [False, True])
+@pytest.mark.parametrize("skip", [None, False, True])
+def test_cpu_matches_reference(dtype, mask_mode, revise, skip):
+    lists = _state(CPU_SIZES, dtype, "cpu", 10)
+    before = _clone(lists)
+    kw = {} if skip is None else {"skip": torch.tensor(skip)}
+    got = _assert_backend_matches_reference("cpu", lists, mask_mode=mask_mode, revise=revise, **kw)
+    assert int(got.kept.sum()) < sum(CPU_SIZES)  # something was masked
+    assert _same_bits(lists[0], before[0]) == bool(skip)  # the parameters moved unless skipped
+    assert _same_bits(lists[5], before[5]) != revise
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_matches_reference_on_pathological_scores(kind):
+    mode = "update" if KINDS.index(kind) % 2 else "grad"
+    lists = _state([1, 3, 129, 1000, 70001], torch.float32, "cpu", 11, kind)
+    _assert_backend_matches_reference("cpu", lists, mask_mode=mode, p=0.5, alpha=0.3, skip=torch.tensor(0))
+
+
+@needs_cpu_kernel
+def test_cpu_nan_score_skips_the_step_only_with_skip_given():
+    lists = _state([64, 70001], torch.float32, "cpu", 4)
+    lists[2][1][5] = math.nan
+    for skip in (None, torch.tensor(False)):
+        run = _clone(lists)
+        stats = _assert_backend_matches_reference("cpu", run, mask_mode="update", skip=skip)
+        assert stats.nonfinite.tolist() == [0, 1] and math.isnan(stats.thresholds[1])
+        assert _same_bits(run[0], lists[0]) == (skip is not None)
+
+
+@needs_cpu_kernel
+def test_cpu_flat_buffer_views_and_opcheck():
+    sizes = [40, 8, 70001]
+    flats = [torch.randn(sum(sizes), generator=torch.Generator().manual_seed(14 + j)) for j in range(6)]
+    lists = [list(f.split(sizes)) for f in flats]
+    _assert_backend_matches_reference("cpu", lists, mask_mode="grad")
+    torch.library.opcheck(torch.ops.cure.rgp_sgd_step, (*_opcheck_args("cpu"), None))
+
+
 # --- arguments, backends, torch.library ----------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, exc, words", [
     ({"mask_mode": "weights"}, ValueError, "mask_mode"),
@@ -234,7 +283,6 @@ def test_triton_flat_buffer_views_are_updated_in_place(device):
     ({"p": -0.1}, ValueError, "p must"),
     ({"decay": 2.0}, ValueError, "decay"),
     ({"lr": torch.tensor(0.1)}, TypeError, "lr must be a Python float"),
-    ({"backend": "cpu"}, ValueError, r"C\+\+ backends do not implement"),
     ({"backend": "cuda"}, ValueError, r"C\+\+ backends do not implement"),
     ({"backend": "fast"}, ValueError, "unknown backend"),
 ])
@@ -257,7 +305,7 @@ def test_mismatched_lists_are_refused():
         _run("reference", lists)
 
 
-def test_auto_is_the_reference_on_cpu_and_params_that_require_grad_are_accepted():
+def test_auto_matches_the_reference_on_cpu_and_params_that_require_grad_are_accepted():
     lists = _state([50], torch.float32, "cpu", 22)
     lists[0] = [lists[0][0].requires_grad_()]
     expected = _clone(lists)

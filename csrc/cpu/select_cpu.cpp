@@ -1,0 +1,702 @@
+// Exact per-tensor threshold selection on the CPU (select_cpu.h; algorithm in docs/selection.md).
+//
+// Selection works on the uint32 bit patterns ("keys") of the float32 scores. Scores are >= +0 or
+// NaN, so the keys of non-NaN scores are ordered like their values; a NaN anywhere makes the
+// threshold NaN, so NaN keys never need an order. No sort of the data.
+//
+// Large tensors (n >= kBracketMin): the sampling bracket, reading the gradients once.
+//   sample  kTiles tiles of kTile contiguous scores at fixed positions; the sample's order
+//           statistics at ranks r_lo, r_hi (about 5 standard deviations either side of ranks k and
+//           k+1) become the bracket keys lo <= hi.
+//   pass    one pass over the gradients counts the keys < lo, == lo, inf/NaN, and compacts the keys
+//           in (lo, hi] into a candidate buffer of n/16 entries (overflow: miss).
+//   resolve each of ranks k, k+1 is lo (inside the run of keys equal to lo) or a candidate
+//           (nth_element among the candidates); a rank below or above the bracket is a miss.
+//   miss    the radix path below, on the same tensor: exact whatever the data.
+// Smaller tensors, and the fallback (the pre-bracket kernel's selection, unchanged):
+//   pass 1  s cached as keys in a thread-local buffer; histogram of key bits 30..19 (4096 bins,
+//           16 KiB: stays in L1).
+//   select  ranks k and k+1. When they fall in different bins they are the largest key of the first
+//           bin and the smallest of the second: one scan of the cached keys. Otherwise the keys of
+//           the shared bin are compacted into a small buffer and refined there by the next digits
+//           (bits 18..7, then 6..0), or by nth_element once few are left.
+//   Tensors below kDirect elements skip the histogram: nth_element on a copy of the keys.
+// Scheduling: tensors are handed to threads largest first, no barrier between tensors. A tensor
+// larger than its fair share of the total (n * threads > total) would leave the other threads
+// idle, so it is split: every pass over its elements runs on per-thread slices.
+//
+// Compiled with -ffp-contract=off: the score and threshold arithmetic must not fuse into FMAs.
+#include "select_cpu.h"
+
+#include <omp.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <mutex>
+#include <type_traits>
+#include <utility>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define CURE_X86_AVX2 1
+#endif
+
+namespace cure {
+namespace cpu {
+namespace {
+
+constexpr int64_t kDirect = 4096;           // below: nth_element on a copy of the keys
+constexpr int64_t kBracketMin = 1 << 16;    // from here on: the sampling bracket
+constexpr int64_t kSplitMin = 1 << 18;      // never split a tensor smaller than this over threads
+constexpr int64_t kRefineDirect = 2048;     // compacted candidates below this: nth_element
+
+// The bracket's sample: kTiles tiles of kTile contiguous elements; tile t starts at
+// floor(t * n / kTiles) rounded down to a multiple of kTile. kBracketMin >= kTiles * kTile * 4.
+constexpr int64_t kTile = 64;
+constexpr int64_t kTiles = 256;
+constexpr int64_t kSample = kTile * kTiles;  // 16384
+constexpr double kSigmas = 5.0;
+constexpr int64_t kCandidateDivisor = 16;  // candidate capacity: n / 16 keys
+constexpr int64_t kBlock = 256;            // elements per block of the counting pass
+
+// Three digits of a non-NaN key, most significant first (bit 31, the sign, is always 0).
+constexpr int kDigits = 3;
+constexpr int kShift[kDigits] = {19, 7, 0};
+constexpr uint32_t kDigitMask[kDigits] = {0xFFF, 0xFFF, 0x7F};
+constexpr int kBins = 4096;
+using Histogram = std::array<uint32_t, kBins>;
+
+inline uint32_t digit(uint32_t key, int level) { return (key >> kShift[level]) & kDigitMask[level]; }
+inline bool key_is_nan(uint32_t key) { return (key & 0x7FFFFFFFu) > 0x7F800000u; }
+inline bool key_is_nonfinite(uint32_t key) { return (key & 0x7F800000u) == 0x7F800000u; }
+
+std::array<std::atomic<int64_t>, 5> g_counters{};  // tensors selected per Path
+
+void count_path(Path path) { g_counters[static_cast<int>(path)].fetch_add(1, std::memory_order_relaxed); }
+
+// numpy's 'linear' quantile: virtual index h = (n-1)*p in double, k = floor(h), g = h - k.
+struct Interpolation {
+  int64_t lo_rank;  // k, or n-1 when k >= n-1
+  int64_t hi_rank;  // k+1, or n-1 when k >= n-1
+  double g;
+};
+
+Interpolation interpolation(int64_t n, double p) {
+  const double h = static_cast<double>(n - 1) * p;
+  const double k = std::floor(h);
+  const double g = h - k;
+  const int64_t ki = static_cast<int64_t>(k);
+  if (ki >= n - 1) return {n - 1, n - 1, g};
+  return {ki, ki + 1, g};
+}
+
+// numpy's _lerp in float32 with a float32 weight; inf propagates exactly as in numpy.
+float threshold_from(uint32_t lo_key, uint32_t hi_key, double g) {
+  const float a = float_of(lo_key);
+  const float b = float_of(hi_key);
+  const float d = b - a;
+  if (g < 0.5) return a + d * static_cast<float>(g);
+  return b - d * static_cast<float>(1.0 - g);
+}
+
+Selection nan_selection(int64_t nonfinite) {
+  Selection r;
+  r.nonfinite = nonfinite;
+  r.path = Path::kNonFinite;
+  return r;
+}
+
+struct KeyPair {
+  uint32_t lo, hi;  // keys of ranks lo_rank and hi_rank
+};
+
+// --- the radix path ---------------------------------------------------------------------------------
+
+// The bin holding rank `rank` of a histogram, and the number of keys in bins below it.
+std::pair<uint32_t, int64_t> bin_of_rank(const uint32_t* hist, int bins, int64_t rank) {
+  int64_t below = 0;
+  for (int b = 0; b < bins; ++b) {
+    if (below + hist[b] > rank) return {static_cast<uint32_t>(b), below};
+    below += hist[b];
+  }
+  TORCH_INTERNAL_ASSERT(false, "rank ", rank, " beyond the histogram total ", below);
+}
+
+void histogram(const uint32_t* keys, int64_t n, int level, Histogram& hist) {
+  std::fill(hist.begin(), hist.end(), 0u);
+  for (int64_t i = 0; i < n; ++i) ++hist[digit(keys[i], level)];
+}
+
+// Largest key whose `level` digit is lo_bin and smallest whose digit is hi_bin (lo_bin < hi_bin).
+KeyPair max_min_of_bins(const uint32_t* keys, int64_t n, int level, uint32_t lo_bin, uint32_t hi_bin) {
+  uint32_t lo = 0, hi = std::numeric_limits<uint32_t>::max();
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t d = digit(keys[i], level);
+    lo = d == lo_bin ? std::max(lo, keys[i]) : lo;
+    hi = d == hi_bin ? std::min(hi, keys[i]) : hi;
+  }
+  return {lo, hi};
+}
+
+// Copies the keys whose `level` digit is `bin` to out (which holds at least their count + 1).
+int64_t compact(const uint32_t* keys, int64_t n, int level, uint32_t bin, uint32_t* out) {
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    out[m] = keys[i];  // branch-free: always write, advance only on a match
+    m += digit(keys[i], level) == bin;
+  }
+  return m;
+}
+
+// Keys of ranks lo and hi (hi is lo or lo + 1) among keys[0, n), in place (keys is reordered).
+KeyPair select_direct(uint32_t* keys, int64_t n, int64_t lo, int64_t hi) {
+  std::nth_element(keys, keys + lo, keys + n);
+  const uint32_t lo_key = keys[lo];
+  const uint32_t hi_key = hi == lo ? lo_key : *std::min_element(keys + hi, keys + n);
+  return {lo_key, hi_key};
+}
+
+// Keys of ranks lo and hi among src[0, n), whose digits above `level` are all equal and whose
+// `level` digits are counted in hist. When the two ranks fall in different bins, one scan of src
+// finds them. Otherwise the shared bin's keys are compacted into cand and refined there, in place,
+// by the next digit (or by nth_element once few are left). src may be cand itself.
+KeyPair select_in_bins(const uint32_t* src, int64_t n, int64_t lo, int64_t hi, int level, Histogram& hist,
+                       std::vector<uint32_t>& cand) {
+  while (true) {
+    const int bins = static_cast<int>(kDigitMask[level]) + 1;
+    const auto [lo_bin, below] = bin_of_rank(hist.data(), bins, lo);
+    const uint32_t hi_bin = hi == lo ? lo_bin : bin_of_rank(hist.data(), bins, hi).first;
+    if (lo_bin != hi_bin) return max_min_of_bins(src, n, level, lo_bin, hi_bin);
+    const int64_t m = hist[lo_bin];
+    if (src != cand.data() && static_cast<int64_t>(cand.size()) < m + 1) cand.resize(m + 1);
+    // In place (src == cand) the write index never passes the read index.
+    compact(src, n, level, lo_bin, cand.data());
+    src = cand.data();
+    n = m;
+    lo -= below;
+    hi -= below;
+    if (level == kDigits - 1) return {src[0], src[0]};  // every digit fixed: all candidates are equal
+    if (n <= kRefineDirect) return select_direct(cand.data(), n, lo, hi);
+    ++level;
+    histogram(src, n, level, hist);
+  }
+}
+
+// Keys of ranks r0 <= r1 among keys[0, n), all of which lie in [base, base + span]; keys is reordered.
+// A histogram of the top 12 bits of key - base, then nth_element inside the bin(s) holding the two
+// ranks; adjacent ranks in different bins are the largest key of one bin and the smallest of the next.
+KeyPair select_two(uint32_t* keys, int64_t n, int64_t r0, int64_t r1, uint32_t base, uint32_t span,
+                   Histogram& hist, std::vector<uint32_t>& tmp) {
+  if (n <= kRefineDirect) {
+    std::nth_element(keys, keys + r0, keys + n);
+    if (r1 == r0) return {keys[r0], keys[r0]};
+    std::nth_element(keys + r0 + 1, keys + r1, keys + n);
+    return {keys[r0], keys[r1]};
+  }
+  const int width = span == 0 ? 0 : 32 - __builtin_clz(span);
+  const int shift = std::max(0, width - 12);
+  std::fill(hist.begin(), hist.end(), 0u);
+  for (int64_t i = 0; i < n; ++i) ++hist[(keys[i] - base) >> shift];
+  const auto [b0, below0] = bin_of_rank(hist.data(), kBins, r0);
+  const auto [b1, below1] = bin_of_rank(hist.data(), kBins, r1);
+  if (b0 != b1 && r1 == r0 + 1) {
+    uint32_t lo = 0, hi = std::numeric_limits<uint32_t>::max();
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t d = (keys[i] - base) >> shift;
+      lo = d == b0 ? std::max(lo, keys[i]) : lo;
+      hi = d == b1 ? std::min(hi, keys[i]) : hi;
+    }
+    return {lo, hi};
+  }
+  // The keys of one bin, compacted into tmp; then the rank(s) inside it.
+  auto gather = [&](uint32_t bin) {
+    const int64_t m = hist[bin];
+    if (static_cast<int64_t>(tmp.size()) < m + 1) tmp.resize(m + 1);
+    int64_t j = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      tmp[j] = keys[i];
+      j += ((keys[i] - base) >> shift) == bin;
+    }
+    return m;
+  };
+  const int64_t m0 = gather(b0);
+  const int64_t i0 = r0 - below0;
+  std::nth_element(tmp.begin(), tmp.begin() + i0, tmp.begin() + m0);
+  const uint32_t k0 = tmp[i0];
+  if (r1 == r0) return {k0, k0};
+  if (b0 == b1) {
+    const int64_t i1 = r1 - below0;
+    std::nth_element(tmp.begin() + i0 + 1, tmp.begin() + i1, tmp.begin() + m0);
+    return {k0, tmp[i1]};
+  }
+  const int64_t m1 = gather(b1);
+  const int64_t i1 = r1 - below1;
+  std::nth_element(tmp.begin(), tmp.begin() + i1, tmp.begin() + m1);
+  return {k0, tmp[i1]};
+}
+
+struct Scratch {
+  std::vector<uint32_t> keys, cand, sample, tmp;
+  Histogram hist;
+};
+
+Scratch& thread_scratch() {
+  thread_local Scratch scratch;
+  return scratch;
+}
+
+// Fills keys[0, n) and returns the number of non-finite scores; hist (if given) gets level 0.
+template <typename T>
+int64_t score_keys(const T* nat, const T* adv, int64_t n, Weights w, uint32_t* keys, Histogram* hist) {
+  if (hist != nullptr) {
+    Histogram& h = *hist;
+    std::fill(h.begin(), h.end(), 0u);
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t key = key_of(score(nat[i], adv[i], w));
+      keys[i] = key;
+      ++h[digit(key, 0)];
+    }
+    // Digit 0 drops the sign bit, so every key with an all-ones exponent (inf or NaN) lands in the
+    // top 16 bins and nothing else does.
+    int64_t nonfinite_bins = 0;
+    for (int b = kBins - 16; b < kBins; ++b) nonfinite_bins += h[b];
+    return nonfinite_bins;
+  }
+  int64_t nonfinite = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t key = key_of(score(nat[i], adv[i], w));
+    keys[i] = key;
+    nonfinite += key_is_nonfinite(key);
+  }
+  return nonfinite;
+}
+
+bool any_nan(const uint32_t* keys, int64_t n) {
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) nan |= key_is_nan(keys[i]);
+  return nan;
+}
+
+template <typename T>
+Selection radix_serial(const T* nat, const T* adv, int64_t n, Weights w, double p, Path path) {
+  Scratch& s = thread_scratch();
+  if (static_cast<int64_t>(s.keys.size()) < n) s.keys.resize(n);
+  uint32_t* keys = s.keys.data();
+  const bool direct = n < kDirect;
+  const int64_t nonfinite = score_keys(nat, adv, n, w, keys, direct ? nullptr : &s.hist);
+  if (nonfinite > 0 && any_nan(keys, n)) return nan_selection(nonfinite);
+  const Interpolation ip = interpolation(n, p);
+  KeyPair pair;
+  if (direct) {
+    if (static_cast<int64_t>(s.cand.size()) < n) s.cand.resize(n);
+    std::copy(keys, keys + n, s.cand.data());
+    pair = select_direct(s.cand.data(), n, ip.lo_rank, ip.hi_rank);
+  } else {
+    pair = select_in_bins(keys, n, ip.lo_rank, ip.hi_rank, 0, s.hist, s.cand);
+  }
+  return {threshold_from(pair.lo, pair.hi, ip.g), nonfinite, path};
+}
+
+// Per-thread slice [begin, end) of n elements.
+std::pair<int64_t, int64_t> slice_of(int64_t n, int threads, int t) {
+  const int64_t chunk = (n + threads - 1) / threads;
+  const int64_t begin = std::min(n, t * chunk);
+  return {begin, std::min(n, begin + chunk)};
+}
+
+// Buffers of the split paths: shared by one call's threads and reused across calls (no page faults
+// on every step); the lock serialises concurrent callers from different Python threads.
+std::mutex g_split_lock;
+
+template <typename T>
+Selection radix_split(const T* nat, const T* adv, int64_t n, Weights w, double p, Path path) {
+  const int threads = omp_get_max_threads();
+  static std::vector<uint32_t> keys, cand;
+  static std::vector<Histogram> hists;
+  keys.resize(n);
+  hists.resize(threads);
+
+  int64_t nonfinite = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : nonfinite)
+  {
+    const int t = omp_get_thread_num();
+    const auto [begin, end] = slice_of(n, threads, t);
+    nonfinite += score_keys(nat + begin, adv + begin, end - begin, w, keys.data() + begin, &hists[t]);
+  }
+  if (nonfinite > 0 && any_nan(keys.data(), n)) return nan_selection(nonfinite);
+  Histogram total{};
+  for (int t = 0; t < threads; ++t)
+    for (int b = 0; b < kBins; ++b) total[b] += hists[t][b];
+  const Interpolation ip = interpolation(n, p);
+  const auto [lo_bin, below] = bin_of_rank(total.data(), kBins, ip.lo_rank);
+  const uint32_t hi_bin = bin_of_rank(total.data(), kBins, ip.hi_rank).first;
+  KeyPair pair;
+  if (lo_bin != hi_bin) {
+    std::vector<KeyPair> parts(threads);
+#pragma omp parallel num_threads(threads)
+    {
+      const int t = omp_get_thread_num();
+      const auto [begin, end] = slice_of(n, threads, t);
+      parts[t] = max_min_of_bins(keys.data() + begin, end - begin, 0, lo_bin, hi_bin);
+    }
+    pair = parts[0];
+    for (const KeyPair& q : parts) pair = {std::max(pair.lo, q.lo), std::min(pair.hi, q.hi)};
+  } else {
+    // Each slice's matches go to its own range of cand: offsets from the per-slice histograms.
+    std::vector<int64_t> offset(threads + 1, 0);
+    for (int t = 0; t < threads; ++t) offset[t + 1] = offset[t] + hists[t][lo_bin];
+    cand.resize(offset[threads] + 1);
+#pragma omp parallel num_threads(threads)
+    {
+      const int t = omp_get_thread_num();
+      const auto [begin, end] = slice_of(n, threads, t);
+      std::vector<uint32_t> local(hists[t][lo_bin] + 1);  // the branch-free compact writes one past
+      compact(keys.data() + begin, end - begin, 0, lo_bin, local.data());
+      std::copy(local.begin(), local.end() - 1, cand.begin() + offset[t]);
+    }
+    const int64_t m = offset[threads];
+    const int64_t lo = ip.lo_rank - below, hi = ip.hi_rank - below;
+    if (m <= kRefineDirect) {
+      pair = select_direct(cand.data(), m, lo, hi);
+    } else {
+      histogram(cand.data(), m, 1, total);
+      pair = select_in_bins(cand.data(), m, lo, hi, 1, total, cand);
+    }
+  }
+  return {threshold_from(pair.lo, pair.hi, ip.g), nonfinite, path};
+}
+
+// --- the sampling bracket ---------------------------------------------------------------------------
+
+struct Bracket {
+  uint32_t lo, hi;
+};
+
+// Sample rank r_lo (or r_hi) for population rank `rank` of n, at fraction f = rank / n of the sample:
+// f*m -+ kSigmas * sqrt(f*(1-f)*m), one further rank outwards.
+int64_t sample_rank_below(int64_t rank, int64_t n) {
+  const double f = static_cast<double>(rank) / static_cast<double>(n);
+  const double m = static_cast<double>(kSample);
+  return static_cast<int64_t>(std::floor(m * f - kSigmas * std::sqrt(m * f * (1.0 - f)))) - 1;
+}
+
+int64_t sample_rank_above(int64_t rank, int64_t n) {
+  const double f = static_cast<double>(rank) / static_cast<double>(n);
+  const double m = static_cast<double>(kSample);
+  return static_cast<int64_t>(std::ceil(m * f + kSigmas * std::sqrt(m * f * (1.0 - f)))) + 1;
+}
+
+int64_t tile_start(int64_t t, int64_t n) { return (t * n / kTiles) / kTile * kTile; }
+
+template <typename T>
+Bracket sample_bracket(const T* nat, const T* adv, int64_t n, Weights w, const Interpolation& ip, Scratch& s) {
+  s.sample.resize(kSample);
+  uint32_t* out = s.sample.data();
+  for (int64_t t = 0; t < kTiles; ++t) {
+    const int64_t start = tile_start(t, n);
+    for (int64_t j = 0; j < kTile; ++j) out[t * kTile + j] = key_of(score(nat[start + j], adv[start + j], w));
+  }
+  const int64_t r_lo = sample_rank_below(ip.lo_rank, n);
+  const int64_t r_hi = sample_rank_above(ip.hi_rank, n);
+  Bracket b{0u, std::numeric_limits<uint32_t>::max()};  // open at a clamped end
+  const bool has_lo = r_lo >= 0, has_hi = r_hi <= kSample - 1;
+  if (!has_lo && !has_hi) return b;
+  uint32_t lo_key = std::numeric_limits<uint32_t>::max(), hi_key = 0;
+  for (int64_t i = 0; i < kSample; ++i) {
+    lo_key = std::min(lo_key, out[i]);
+    hi_key = std::max(hi_key, out[i]);
+  }
+  const int64_t r0 = has_lo ? r_lo : r_hi, r1 = has_hi ? r_hi : r_lo;
+  const KeyPair pair = select_two(out, kSample, r0, r1, lo_key, hi_key - lo_key, s.hist, s.tmp);
+  if (has_lo) b.lo = pair.lo;
+  if (has_hi) b.hi = pair.hi;
+  return b;
+}
+
+struct BracketCounts {
+  int64_t lt = 0, eq = 0, mid = 0, nonfinite = 0, nan = 0;
+  bool overflow = false;
+};
+
+// One block of keys: counts (< lo, == lo, inf or NaN, NaN) added to counts[0..3], the keys in (lo, hi]
+// appended to out[m...] (which has room for len + 8 more). Returns the new m.
+int64_t count_block(const uint32_t* keys, int64_t len, Bracket b, uint32_t* out, int64_t m, int64_t* counts) {
+  uint32_t lt = 0, eq = 0, nonfinite = 0, nan = 0;
+  for (int64_t j = 0; j < len; ++j) {  // vectorised
+    const uint32_t key = keys[j];
+    lt += key < b.lo;
+    eq += key == b.lo;
+    nonfinite += (key & 0x7F800000u) == 0x7F800000u;
+    nan += (key & 0x7FFFFFFFu) > 0x7F800000u;
+  }
+  for (int64_t j = 0; j < len; ++j) {  // branch-free compaction
+    const uint32_t key = keys[j];
+    out[m] = key;
+    m += (key > b.lo) & (key <= b.hi);
+  }
+  counts[0] += lt;
+  counts[1] += eq;
+  counts[2] += nonfinite;
+  counts[3] += nan;
+  return m;
+}
+
+#ifdef CURE_X86_AVX2
+// For every 8-bit mask, the lanes whose bit is set, in order: the permutation that packs them.
+struct CompactTable {
+  alignas(32) uint32_t lanes[256][8];
+  CompactTable() {
+    for (int mask = 0; mask < 256; ++mask) {
+      int k = 0;
+      for (int lane = 0; lane < 8; ++lane)
+        if (mask >> lane & 1) lanes[mask][k++] = static_cast<uint32_t>(lane);
+      for (; k < 8; ++k) lanes[mask][k] = 0;
+    }
+  }
+};
+const CompactTable g_compact_table;
+const bool g_has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+
+// count_block with AVX2: 8 keys per step, compaction by a table-driven lane permutation.
+__attribute__((target("avx2,popcnt"))) int64_t count_block_avx2(const uint32_t* keys, int64_t len, Bracket b,
+                                                               uint32_t* out, int64_t m, int64_t* counts) {
+  const __m256i bias = _mm256_set1_epi32(static_cast<int>(0x80000000u));  // unsigned order as signed
+  const __m256i lo = _mm256_set1_epi32(static_cast<int>(b.lo ^ 0x80000000u));
+  const __m256i hi = _mm256_set1_epi32(static_cast<int>(b.hi ^ 0x80000000u));
+  const __m256i lo_raw = _mm256_set1_epi32(static_cast<int>(b.lo));
+  const __m256i exp_mask = _mm256_set1_epi32(0x7F800000);
+  const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
+  __m256i lt = _mm256_setzero_si256(), eq = lt, nonfinite = lt, nan = lt;
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j));
+    const __m256i kb = _mm256_xor_si256(k, bias);
+    lt = _mm256_sub_epi32(lt, _mm256_cmpgt_epi32(lo, kb));
+    eq = _mm256_sub_epi32(eq, _mm256_cmpeq_epi32(k, lo_raw));
+    nonfinite = _mm256_sub_epi32(nonfinite, _mm256_cmpeq_epi32(_mm256_and_si256(k, exp_mask), exp_mask));
+    nan = _mm256_sub_epi32(nan, _mm256_cmpgt_epi32(_mm256_and_si256(k, abs_mask), exp_mask));
+    const __m256i in = _mm256_andnot_si256(_mm256_cmpgt_epi32(kb, hi), _mm256_cmpgt_epi32(kb, lo));
+    const unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(in)));
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(g_compact_table.lanes[mask]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m), _mm256_permutevar8x32_epi32(k, perm));
+    m += _mm_popcnt_u32(mask);
+  }
+  alignas(32) uint32_t sums[4][8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(sums[0]), lt);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(sums[1]), eq);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(sums[2]), nonfinite);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(sums[3]), nan);
+  for (int c = 0; c < 4; ++c)
+    for (int lane = 0; lane < 8; ++lane) counts[c] += sums[c][lane];
+  return count_block(keys + j, len - j, b, out, m, counts);
+}
+
+// The scores of a float32 block as keys, compiled for AVX2 (no FMA: -ffp-contract=off).
+__attribute__((target("avx2"))) void keys_avx2(const float* x, const float* y, int64_t len, Weights w,
+                                              uint32_t* keys) {
+  for (int64_t j = 0; j < len; ++j) keys[j] = key_of(score(x[j], y[j], w));
+}
+#endif
+
+// One pass: counts of keys < lo, == lo, inf/NaN and NaN; the keys in (lo, hi] compacted into cand,
+// which has room for cap + kBlock + 8 keys. Stops early (overflow) once more than cap keys were compacted.
+template <typename T>
+BracketCounts count_and_compact(const T* nat, const T* adv, int64_t n, Weights w, Bracket b, uint32_t* cand,
+                                int64_t cap) {
+  BracketCounts c;
+  alignas(32) uint32_t keys[kBlock];
+  int64_t counts[4] = {0, 0, 0, 0};
+  int64_t m = 0;
+  for (int64_t base = 0; base < n; base += kBlock) {
+    const int64_t len = std::min(kBlock, n - base);
+    const T* x = nat + base;
+    const T* y = adv + base;
+#ifdef CURE_X86_AVX2
+    if (g_has_avx2) {
+      if constexpr (std::is_same_v<T, float>) {
+        keys_avx2(x, y, len, w, keys);
+      } else {
+        for (int64_t j = 0; j < len; ++j) keys[j] = key_of(score(x[j], y[j], w));
+      }
+      m = count_block_avx2(keys, len, b, cand, m, counts);
+    } else
+#endif
+    {
+      for (int64_t j = 0; j < len; ++j) keys[j] = key_of(score(x[j], y[j], w));
+      m = count_block(keys, len, b, cand, m, counts);
+    }
+    if (m > cap) {
+      c.overflow = true;
+      break;
+    }
+  }
+  c.lt = counts[0];
+  c.eq = counts[1];
+  c.nonfinite = counts[2];
+  c.nan = counts[3];
+  c.mid = m;
+  return c;
+}
+
+int64_t candidate_capacity(int64_t n) { return n / kCandidateDivisor; }
+
+// Resolves ranks k and k+1 from the bracket's counts and candidates; false on a miss.
+bool resolve(const BracketCounts& c, Bracket b, uint32_t* cand, const Interpolation& ip, Scratch& s, KeyPair& out) {
+  if (c.overflow) return false;
+  const int64_t eq_end = c.lt + c.eq, mid_end = eq_end + c.mid;
+  const int64_t r0 = ip.lo_rank, r1 = ip.hi_rank;
+  if (r0 < c.lt || r1 >= mid_end) return false;
+  if (r1 < eq_end) {
+    out = {b.lo, b.lo};
+  } else if (r0 < eq_end) {
+    const int64_t i1 = r1 - eq_end;
+    out = {b.lo, select_two(cand, c.mid, i1, i1, b.lo + 1, b.hi - b.lo - 1, s.hist, s.tmp).hi};
+  } else {
+    out = select_two(cand, c.mid, r0 - eq_end, r1 - eq_end, b.lo + 1, b.hi - b.lo - 1, s.hist, s.tmp);
+  }
+  return true;
+}
+
+template <typename T>
+Selection bracket_serial(const T* nat, const T* adv, int64_t n, Weights w, double p) {
+  Scratch& s = thread_scratch();
+  const Interpolation ip = interpolation(n, p);
+  const Bracket b = sample_bracket(nat, adv, n, w, ip, s);
+  const int64_t cap = candidate_capacity(n);
+  if (static_cast<int64_t>(s.cand.size()) < cap + kBlock + 8) s.cand.resize(cap + kBlock + 8);
+  const BracketCounts c = count_and_compact(nat, adv, n, w, b, s.cand.data(), cap);
+  if (!c.overflow && c.nan > 0) return nan_selection(c.nonfinite);
+  KeyPair pair;
+  if (!resolve(c, b, s.cand.data(), ip, s, pair)) return radix_serial(nat, adv, n, w, p, Path::kFallback);
+  return {threshold_from(pair.lo, pair.hi, ip.g), c.nonfinite, Path::kBracket};
+}
+
+template <typename T>
+Selection bracket_split(const T* nat, const T* adv, int64_t n, Weights w, double p) {
+  const int threads = omp_get_max_threads();
+  static std::vector<std::vector<uint32_t>> slices;
+  static std::vector<uint32_t> cand;
+  Scratch& s = thread_scratch();
+  const Interpolation ip = interpolation(n, p);
+  const Bracket b = sample_bracket(nat, adv, n, w, ip, s);
+  const int64_t cap = candidate_capacity(n);
+  slices.resize(threads);
+  std::vector<BracketCounts> parts(threads);
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num();
+    const auto [begin, end] = slice_of(n, threads, t);
+    std::vector<uint32_t>& mine = slices[t];
+    if (static_cast<int64_t>(mine.size()) < cap + kBlock + 8) mine.resize(cap + kBlock + 8);
+    parts[t] = count_and_compact(nat + begin, adv + begin, end - begin, w, b, mine.data(), cap);
+  }
+  BracketCounts c;
+  for (const BracketCounts& q : parts) {
+    c.lt += q.lt;
+    c.eq += q.eq;
+    c.mid += q.mid;
+    c.nonfinite += q.nonfinite;
+    c.nan += q.nan;
+    c.overflow |= q.overflow;
+  }
+  c.overflow |= c.mid > cap;
+  if (!c.overflow && c.nan > 0) return nan_selection(c.nonfinite);
+  KeyPair pair;
+  if (!c.overflow) {
+    cand.resize(c.mid);
+    int64_t offset = 0;
+    for (int t = 0; t < threads; ++t) {
+      std::copy(slices[t].begin(), slices[t].begin() + parts[t].mid, cand.begin() + offset);
+      offset += parts[t].mid;
+    }
+  }
+  if (!resolve(c, b, cand.data(), ip, s, pair)) return radix_split(nat, adv, n, w, p, Path::kFallback);
+  return {threshold_from(pair.lo, pair.hi, ip.g), c.nonfinite, Path::kBracket};
+}
+
+// --- scheduling -------------------------------------------------------------------------------------
+
+template <typename Fn>
+void dispatch_float(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: fn(float{}); break;
+    case at::kBFloat16: fn(c10::BFloat16{}); break;
+    case at::kHalf: fn(c10::Half{}); break;
+    default: TORCH_CHECK(false, "cure (CPU kernel): unsupported dtype ", dtype, "; use float32, bfloat16 or float16");
+  }
+}
+
+Selection select_one(const SelectInput& in, Weights w, double p, bool split) {
+  Selection r;
+  if (in.n == 0) return r;
+  dispatch_float(in.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* nat = static_cast<const T*>(in.nat);
+    const T* adv = static_cast<const T*>(in.adv);
+    if (in.n < kBracketMin) {
+      r = radix_serial(nat, adv, in.n, w, p, Path::kDirect);
+    } else if (split) {
+      const std::lock_guard<std::mutex> guard(g_split_lock);
+      r = bracket_split(nat, adv, in.n, w, p);
+    } else {
+      r = bracket_serial(nat, adv, in.n, w, p);
+    }
+  });
+  count_path(r.path);
+  return r;
+}
+
+}  // namespace
+
+std::vector<Selection> select_thresholds(const std::vector<SelectInput>& inputs, Weights w, double p,
+                                         const AfterSelect& after) {
+  const int64_t count = static_cast<int64_t>(inputs.size());
+  int64_t total = 0;
+  for (const SelectInput& in : inputs) total += in.n;
+  const int threads = omp_get_max_threads();
+  std::vector<Selection> results(count);
+  std::vector<int64_t> split, serial;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t n = inputs[i].n;
+    const bool big = threads > 1 && n >= kSplitMin && n * threads > total;
+    (big ? split : serial).push_back(i);
+  }
+  for (const int64_t i : split) {
+    results[i] = select_one(inputs[i], w, p, true);
+    if (after) after(i, results[i], true);
+  }
+  // Largest first: the greedy hand-out then balances the threads to within one small tensor.
+  std::stable_sort(serial.begin(), serial.end(), [&](int64_t a, int64_t b) { return inputs[a].n > inputs[b].n; });
+  const int64_t n_serial = static_cast<int64_t>(serial.size());
+#pragma omp parallel for schedule(dynamic, 1) if (n_serial > 1)
+  for (int64_t j = 0; j < n_serial; ++j) {
+    const int64_t i = serial[j];
+    results[i] = select_one(inputs[i], w, p, false);
+    if (after) after(i, results[i], false);
+  }
+  return results;
+}
+
+// Tensors selected so far by each path: [empty, direct, bracket, fallback, nonfinite]. With reset,
+// the counters restart from zero after being read. For benchmarks and tests of the fallback rate.
+at::Tensor selection_counters_cpu(bool reset) {
+  auto out = at::empty({static_cast<int64_t>(g_counters.size())}, at::TensorOptions().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  for (size_t i = 0; i < g_counters.size(); ++i) o[i] = reset ? g_counters[i].exchange(0) : g_counters[i].load();
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace cure
+
+TORCH_LIBRARY_FRAGMENT(cure, m) {
+  // Counts of tensors selected by each path of the CPU kernels since the last reset:
+  // int64[5] = [empty, direct (small tensors), bracket hit, bracket miss (radix fallback), NaN score].
+  m.def("cpu_selection_counters(bool reset=False) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(cure, CompositeExplicitAutograd, m) {
+  m.impl("cpu_selection_counters", &cure::cpu::selection_counters_cpu);
+}

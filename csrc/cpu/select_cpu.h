@@ -1,0 +1,113 @@
+// Exact per-tensor selection of the RGP threshold on the CPU, shared by cure::rgp_mask and
+// cure::rgp_sgd_step (docs/selection.md describes the algorithm; docs/method.md the contract).
+//
+// For every tensor i of a list, thresholds[i] = numpy.quantile(s_i, p) as float32, with
+//   s = f32(alpha)*|g_nat| + f32(1-alpha)*|g_adv|   (each product and the sum rounded to float32),
+// and nonfinite[i] = the number of scores that are inf or NaN. Nothing is written to the inputs.
+// The apply passes of the two ops recompute s with score() below: bit for bit the same value.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <vector>
+
+namespace cure {
+namespace cpu {
+
+constexpr int64_t kMaxElements = (int64_t{1} << 32) - 1;  // per tensor: uint32 histogram counts
+
+struct Weights {
+  float nat;  // f32(alpha)
+  float adv;  // f32(1 - alpha), 1 - alpha computed in double
+};
+
+inline Weights weights_of(double alpha) { return {static_cast<float>(alpha), static_cast<float>(1.0 - alpha)}; }
+
+// s = f32(alpha)*|g_nat| + f32(1-alpha)*|g_adv|, each product and the sum rounded to float
+// (the build uses -ffp-contract=off: no fused multiply-add).
+template <typename T>
+inline float score(T nat, T adv, Weights w) {
+  const float x = w.nat * std::fabs(static_cast<float>(nat));
+  const float y = w.adv * std::fabs(static_cast<float>(adv));
+  return x + y;
+}
+
+inline uint32_t key_of(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+}
+
+inline float float_of(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+
+// One tensor to select on: contiguous gradients of n elements, all of one dtype.
+struct SelectInput {
+  const void* nat;
+  const void* adv;
+  at::ScalarType dtype;
+  int64_t n;
+};
+
+// How a tensor's threshold was found (counted for benchmarks and tests; see selection_counters).
+enum class Path : uint8_t { kEmpty, kDirect, kBracket, kFallback, kNonFinite };
+
+struct Selection {
+  float threshold = std::numeric_limits<float>::quiet_NaN();
+  int64_t nonfinite = 0;
+  Path path = Path::kEmpty;
+};
+
+// Called once per tensor right after its selection: on the thread that selected it (split = false), or,
+// for a tensor that was split over all threads, outside any parallel region (split = true, so the
+// callback may start its own). Running the apply pass of a tensor here re-reads its gradients while
+// they are still in the last-level cache.
+using AfterSelect = std::function<void(int64_t index, const Selection& selection, bool split)>;
+
+// Thresholds and non-finite counts of every tensor, exact. Tensors are handed to the OpenMP threads
+// largest first; a tensor larger than its fair share is split over all threads.
+std::vector<Selection> select_thresholds(const std::vector<SelectInput>& inputs, Weights w, double p,
+                                         const AfterSelect& after = nullptr);
+
+// A range of one tensor's elements for the apply passes, which run over all tensors' chunks in one
+// parallel loop (every chunk is independent once the thresholds are known).
+struct Chunk {
+  int64_t tensor, begin, end;
+};
+
+inline std::vector<Chunk> chunks_of(const std::vector<int64_t>& sizes, int64_t chunk) {
+  std::vector<Chunk> out;
+  for (int64_t i = 0; i < static_cast<int64_t>(sizes.size()); ++i)
+    for (int64_t b = 0; b < sizes[i]; b += chunk) out.push_back({i, b, std::min(sizes[i], b + chunk)});
+  return out;
+}
+
+// Compiles a function for AVX2 (no FMA: the build's -ffp-contract=off still applies); callers check
+// has_avx2() first.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define CURE_TARGET_AVX2 __attribute__((target("avx2")))
+inline bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes;
+}
+#else
+#define CURE_TARGET_AVX2
+inline bool has_avx2() { return false; }
+#endif
+
+// Whether an apply pass must compare scores with the threshold at all: a NaN threshold masks
+// nothing (s < NaN is false), and neither does 0 (scores are >= +0 or NaN).
+inline bool masks_anything(float threshold) { return threshold > 0.0f; }
+
+}  // namespace cpu
+}  // namespace cure
