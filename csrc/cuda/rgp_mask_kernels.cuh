@@ -26,16 +26,19 @@
 // A NaN score makes the threshold NaN (numpy's behaviour) and nothing is masked.
 //
 // Global traffic per element, float32 inputs (bf16/fp16: half), ESTIMATES from the code, not measured:
-//   sample   ~0.1 B/element on a 2.4 M-element tensor (16384 x 8 B per tensor); small tensors 0
+//   sample   16384 scores x 8 B per bracket tensor: ~0.06 B/element on a 2.4 M-element tensor
 //   count    8 B read (g_nat, g_adv) + ~0.15 B written (candidates, ~4 % of n x 4 B)
-//   refine/resolve over the candidates ~0.5 B (read, compact, read again); 0 for tensors resolved by counts
-//   fallback (misses only, expected < 1e-5 of tensor-steps on gradient-like data) +16 B: histogram 8,
-//            refine 8; small tensors (< 64 k elements) pay 8 + 8 the same way
-//   apply    8 B read + the zeroed part of the update (~p x 4 B written; a partly zeroed 32-byte sector
-//            costs a read and a write)
-//   selection total ~8.8 B/element instead of 16 + candidates; mask ~17-20 B/element in all.
-// Expected H100 (~3.0 TB/s) time for ResNet-18 (11.2 M parameters, ~0.2 M of them in small tensors),
-// ESTIMATE: selection ~35 us + apply ~40 us + ~6 launches x ~3 us of gaps = ~80-90 us per rgp_mask call.
+//   refine/resolve over the candidates: ~0.5 B (read, compact, read again); 0 when the counts decide
+//   fallback (misses only; rare on gradient-like data) +16 B: histogram 8, refine 8. Small tensors
+//            (< 64 k elements) pay the same 8 + 8 on the radix path
+//   apply    8 B read + the zeroed part of the update (a partly zeroed 32-byte sector costs a read and a
+//            write: ~4-8 B at p = 0.3)
+//   selection ~8.7 B/element (the radix path alone: 16 + candidates); mask in all ~21-25 B/element.
+// Expected H100 time (~3.0 TB/s, ~3.7 us per B/element) for ResNet-18 (11.2 M parameters, 10.8 M of
+// them in the 12 tensors of >= 64 k elements), ESTIMATE: sample ~10-15 us (one block per tensor, latency
+// bound: 64 keys per thread, up to five in-block histogram levels), count ~32 us, fallback launch (all
+// blocks exit) ~3 us, refine + resolve over ~0.4 M candidates ~6 us, apply ~45 us: ~95-105 us per
+// rgp_mask call (six launches, no host synchronisation). The old radix-only path: ~135 us.
 #pragma once
 
 #include "mask_common.cuh"

@@ -13,30 +13,31 @@
 // Tensor lists: reads tensors[i].nat, .adv (only when thr > 0: otherwise nothing can be below it),
 // .upd (the gradient; not when skipped), .param, .buf (not when skipped; param also when revising),
 // .rev (when revising); writes .upd (zeros where below), .param and .buf (unless skipped), .rev.
-// Each thread loads all its operands of a round (8 elements of each list) before it stores anything,
-// so the loads of a round are in flight together (no store-then-reload; the lists may alias).
+// Each thread loads all its operands of a round before it stores anything,
+// so the loads of a round are in flight together (no store-then-reload; the lists may alias). A round
+// is one 16-byte vector of each list per thread (4 float32 or 8 bf16/fp16 elements).
 //
-// Bytes per element, float32 (bf16/fp16: half), ESTIMATE: reads nat 4 + adv 4 + g 4 + w 4 + v 4
-// (+ rev 4) = 20 (24), writes w 4 + v 4 (+ rev 4) + zeroed g ~4 x p (a partly zeroed sector) = 9-13
-// (13-17): ~29-41 B/element. With the selection (~8.8 B, rgp_mask_kernels.cuh) the fused step moves
-// ~38-50 B/element against a floor of ~40 (revision) for reading and writing what the formula needs.
-// Expected H100 (~3.0 TB/s) time for ResNet-18 (11.2 M parameters), ESTIMATE: apply ~110-150 us with
-// revision, ~95-130 us without; with selection ~140-185 us in all (6 launches, no host synchronisation).
+// Bytes per element, float32 (bf16/fp16: half), ESTIMATE from the code: reads nat 4 + adv 4 + g 4 +
+// w 4 + v 4 (+ rev 4) = 20 (24); writes w 4 + v 4 (+ rev 4) + the zeroed part of g (~4 B at p = 0.3: a
+// partly zeroed sector is read and written) = 12 (16): ~32 B/element, ~40 with revision. With the
+// selection (~8.7 B, rgp_mask_kernels.cuh) the fused step moves ~41-49 B/element; reading and writing
+// what the formula needs once, after a one-read selection, is ~40-48.
+// Expected H100 time (~3.0 TB/s, ~3.7 us per B/element) for ResNet-18 (11.2 M parameters), ESTIMATE:
+// apply ~120 us without revision, ~150 us with; with the selection kernels (~55 us) ~175-205 us per
+// step; with the selection overlapped with the last backward, the apply pass alone after it.
 #pragma once
 
 #include "mask_common.cuh"
 
 namespace cure_cuda {
 
-constexpr int kStepItems = 8;  // elements of each list per thread per round (one bf16/fp16 vector, two fp32)
-static_assert(kItems % kStepItems == 0, "kItems: whole rounds");
 
 template <class E>
 __device__ __forceinline__ void sgd_step_body(const MaskLaunch& L, const BlockTensor& bt, float thr, bool skipped,
                                               uint32_t* sh_small) {
   using Raw = typename E::Raw;
-  constexpr int V = 16 / sizeof(Raw);
-  constexpr int R = kStepItems / V;  // vectors per round
+  constexpr int V = 16 / sizeof(Raw);  // elements of each list per thread per round: one 16-byte vector
+  constexpr int R = 1;                  // vectors per round (more raise registers, lower residency)
   const MaskTensor& t = bt.t;
   const uint32_t lo = bt.chunk * kChunk;
   const uint32_t m = t.n - lo < kChunk ? t.n - lo : kChunk;
@@ -57,8 +58,8 @@ __device__ __forceinline__ void sgd_step_body(const MaskLaunch& L, const BlockTe
 
   uint32_t zeroed = 0;
 #pragma unroll 1
-  for (int q = 0; q < kItems / kStepItems; ++q) {
-    const uint32_t base = static_cast<uint32_t>(q) * kThreads * kStepItems;
+  for (int q = 0; q < kItems / (R * V); ++q) {
+    const uint32_t base = static_cast<uint32_t>(q) * kThreads * (R * V);
     Raw rn[R][V], ra[R][V], rg[R][V], rw[R][V], rv[R][V], rr[R][V];
     // Loads (everything this round needs), then arithmetic, then stores.
 #pragma unroll
@@ -128,7 +129,7 @@ __device__ __forceinline__ void sgd_step_body(const MaskLaunch& L, const BlockTe
   }
 }
 
-__global__ void __launch_bounds__(kThreads) rgp_sgd_step_kernel(const __grid_constant__ MaskLaunch L) {
+__global__ void __launch_bounds__(kThreads, 2) rgp_sgd_step_kernel(const __grid_constant__ MaskLaunch L) {
   __shared__ uint32_t sh_small[2];
   const BlockTensor bt = block_tensor(L);
   if (bt.t.n == 0) return;
