@@ -1,10 +1,14 @@
 """Check the CUDA kernels' logic on the CPU: run them in the emulation of cuda_emulation.h and compare
-every result bit for bit with cure_kernels.reference.
+every result bit for bit with cure_kernels.reference (rgp_mask, revise) and
+cure_kernels.sgd_step.rgp_sgd_step_reference (the fused step).
 
 The kernels are built twice: with the production block shape (256 threads x 32 items, 128 tensors per
-launch) and with a tiny one (32 threads x 8 items = 256-element chunks, 3 tensors per launch) so that
-small tensors already span many chunks and many launches. Blocks run in shuffled orders (seeded), the
-threads of a block in shuffled orders between barriers.
+launch, a 16384-score sample, the sampling bracket from 65536 elements, candidate regions of n/8) and
+with a tiny one (32 threads x 8 items = 256-element chunks, 3 tensors per launch, a 1024-score sample,
+the bracket from 2048 elements, candidate regions of n/4) so that small tensors already span many
+chunks, many launches and both selection paths. Blocks run in shuffled orders (seeded), the threads of a
+block in shuffled orders between barriers. Which path each tensor took (radix, bracket resolved by the
+counts, bracket with candidates, bracket miss) is read back and asserted where the case determines it.
 
     python csrc/cuda/emulation/check_emulated.py            # everything (a few minutes on 2 cores)
     python csrc/cuda/emulation/check_emulated.py --quick    # a smaller sample
