@@ -3,8 +3,13 @@
 The kernels cut every tensor into chunks of CHUNK = 256 threads x 32 items = 8192 elements (one block
 each), read 16-byte vectors when all pointers are 16-byte aligned (4 float32 or 8 bfloat16/float16
 elements) and take up to 128 tensors per launch; the sizes below sit on and around those boundaries.
-Selection is a three-level radix select on the score bits (bits 30..20, 19..9, 8..0); the
-"selection path" cases force each way ranks k and k+1 can separate.
+Selection: tensors of at least BRACKET_MIN = 65536 elements take the one-read sampling bracket (16384
+sampled scores, counts of the keys below / at / between / at / above the bracket keys, candidates
+selected exactly, a radix fallback on a miss); smaller ones a three-level radix select on the score bits
+(bits 30..20, 19..9, 8..0); the "selection path" cases force each way ranks k and k+1 can separate,
+the bracket cases each way the bracket can hit or miss. The fused step cure::rgp_sgd_step runs the same
+selection, then one apply pass (mask, SGD, revision EMA); it is checked bit for bit against
+cure_kernels.sgd_step.rgp_sgd_step_reference.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 CHUNK = 8192
+BRACKET_MIN = 65536
+SAMPLE_TILES, SAMPLE_TILE = 64, 256
 SIZES = (0, 1, 2, 3, 4, 5, 7, 8, 9, 31, 32, 33, 255, 256, 257, 2047, 2048, 2049,
          7919, 8191, 8192, 8193, 16411)
 ALPHAS = (0.0, 0.1, 1.0)
@@ -417,3 +424,231 @@ def test_direct_op_calls_name_bad_arguments():
         torch.ops.cure.rgp_mask(updates, nat, [adv[0][:4]], 0.1, 0.3)
     with pytest.raises(RuntimeError, match=r"decay must be a finite number in \[0, 1\]"):
         torch.ops.cure.revise(updates, nat, -0.5)
+
+
+# --- the sampling bracket (tensors of at least BRACKET_MIN elements) --------------------------------------
+def _sampled(n: int) -> torch.Tensor:
+    """Positions the bracket samples: tile t covers SAMPLE_TILE elements from floor(t * n / SAMPLE_TILES)
+    rounded down to a multiple of SAMPLE_TILE (csrc/cuda/plan.h)."""
+    mask = torch.zeros(n, dtype=torch.bool)
+    for t in range(SAMPLE_TILES):
+        start = (t * n // SAMPLE_TILES) // SAMPLE_TILE * SAMPLE_TILE
+        mask[start:start + SAMPLE_TILE] = True
+    return mask
+
+
+def _scores_at(values: torch.Tensor, gen: torch.Generator, dtype=torch.float32):
+    """Inputs whose scores (alpha = 1) are exactly `values`, at their positions."""
+    nat = values.to("cuda", dtype)
+    adv = torch.randn(values.numel(), generator=gen).to("cuda", dtype)
+    return [torch.randn(values.numel(), generator=gen).to("cuda", dtype)], [nat], [adv]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bracket_exact_on_pathological_inputs(kind, dtype):
+    gen = torch.Generator().manual_seed(101)
+    sizes = (BRACKET_MIN - 1, BRACKET_MIN, BRACKET_MIN + 1, 3 * BRACKET_MIN + 7, 1 << 20)
+    for alpha in (0.0, 0.1, 1.0):
+        for p in (0.0, 0.01, 0.3, 0.5, 0.999, 1.0):
+            check_exact(*_inputs(kind, sizes, dtype, gen), alpha, p)
+
+
+@pytest.mark.parametrize("n", (BRACKET_MIN, BRACKET_MIN + 1, 2_359_296))
+def test_bracket_exact_on_cases_built_to_defeat_it(n):
+    gen = torch.Generator().manual_seed(n)
+    rnd = torch.randn(n, generator=gen).abs()
+    perm = torch.randperm(n, generator=gen)
+    cases = {
+        "all equal": torch.full((n,), 0.75),
+        "30% zeros": torch.where(torch.rand(n, generator=gen) < 0.3, 0.0, rnd),
+        "80% zeros": torch.where(torch.rand(n, generator=gen) < 0.8, 0.0, rnd),
+        "two-valued": torch.where(torch.rand(n, generator=gen) < 0.5, 1.0, 2.0),
+        "run straddling k": torch.cat([rnd[: int(0.4 * n)], torch.full((n - 2 * int(0.4 * n),), 0.9),
+                                       rnd[: int(0.4 * n)] + 2.0])[perm],
+        "10% +inf": torch.where(torch.rand(n, generator=gen) < 0.1, math.inf, rnd),
+        "denormals": torch.randint(0, 64, (n,), generator=gen, dtype=torch.int32).view(torch.float32),
+        "one NaN": torch.cat([rnd[:-1], torch.tensor([math.nan])])[perm],
+        "sorted": torch.sort(rnd).values,
+        "sorted descending": torch.sort(rnd, descending=True).values,
+    }
+    sampled = _sampled(n)
+    u = torch.rand(n, generator=gen)
+    cases["tiles small, rest large"] = torch.where(sampled, u, 10.0 + u)
+    cases["tiles large, rest small"] = torch.where(sampled, 10.0 + u, u)
+    cases["candidate overflow"] = torch.where(sampled, u, 0.49 + 0.02 * u)
+    cases["ties at lo"] = torch.where(sampled, u, torch.full((n,), float(torch.quantile(u[sampled], 0.3))))
+    for values in cases.values():
+        for p in (0.0, 0.1, 0.29, 0.3, 0.31, 0.45, 0.5, 0.8, 0.97, 1.0):
+            check_exact(*_scores_at(values, gen), 1.0, p)
+
+
+# --- the fused step cure::rgp_sgd_step ---------------------------------------------------------------------
+def _step_state(sizes, dtype, gen, kind="random"):
+    """params, grads, grads_nat, grads_adv, momentum buffers, revision on the GPU, one tensor of each per size."""
+    nat, adv = zip(*(_case(kind, n, gen) for n in sizes))
+    rand = [[torch.randn(n, generator=gen) for n in sizes] for _ in range(4)]
+    lists = [rand[0], rand[1], list(nat), list(adv), [0.1 * r for r in rand[2]], rand[3]]
+    return [[t.to("cuda", dtype) for t in ts] for ts in lists]
+
+
+def _same(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Same bits, any NaN equal to any NaN (the reference's NaN payloads come from PyTorch's kernels)."""
+    a, b = _bits(x), _bits(y)
+    return bool(((a == b) | (x.detach().float().cpu().reshape(-1).isnan()
+                             & y.detach().float().cpu().reshape(-1).isnan())).all())
+
+
+def check_step(lists, *, lr=0.1, momentum=0.9, weight_decay=5e-3, alpha=0.1, p=0.3, mask_mode="grad",
+               decay=0.99, revise=True, skip=None):
+    params, grads, nat, adv, bufs, rev = lists
+    expected = [[t.clone() for t in ts] for ts in (params, grads, bufs, rev)]
+    kw = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "alpha": alpha, "p": p,
+          "mask_mode": mask_mode, "decay": decay, "skip": skip}
+    exp = ck.rgp_sgd_step_(expected[0], expected[1], nat, adv, expected[2], revision=expected[3] if revise else None,
+                           backend="reference", **kw)
+    got = ck.rgp_sgd_step_(params, grads, nat, adv, bufs, revision=rev if revise else None, backend="cuda", **kw)
+    where = f"mode={mask_mode} revise={revise} skip={skip} p={p} sizes={[g.numel() for g in grads]}"
+    assert bitwise_equal_f32(got.thresholds, exp.thresholds), f"{where}: {got.thresholds} vs {exp.thresholds}"
+    assert torch.equal(got.kept.cpu(), exp.kept.cpu()), where
+    assert torch.equal(got.nonfinite.cpu(), exp.nonfinite.cpu()), where
+    for name, gots, exps in (("params", params, expected[0]), ("grads", grads, expected[1]),
+                             ("momentum_buffers", bufs, expected[2]), ("revision", rev, expected[3])):
+        for i, (x, y) in enumerate(zip(gots, exps)):
+            assert _same(x, y), f"{where}: {name}[{i}] (n={x.numel()}) differs"
+    return got
+
+
+STEP_SIZES = (0, 1, 3, 8, 257, CHUNK + 1, BRACKET_MIN + 3, 300_001)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_mode", ("grad", "update"))
+def test_sgd_step_exact(kind, dtype, mask_mode):
+    gen = torch.Generator().manual_seed(201)
+    for revise in (True, False):
+        for p in (0.0, 0.3, 1.0):
+            check_step(_step_state(STEP_SIZES, dtype, gen, kind), mask_mode=mask_mode, revise=revise, p=p)
+
+
+@pytest.mark.parametrize("kind", ("random", "inf", "nan"))
+def test_sgd_step_skip_flag(kind):
+    """skip nonzero (or NaN), or any score of the call not finite: params and buffers keep their bits;
+    grads are still masked and the revision still moves towards the unchanged params."""
+    gen = torch.Generator().manual_seed(202)
+    for skip in (torch.tensor(False), torch.tensor(True), torch.tensor(math.nan), torch.tensor([0.0]),
+                 torch.tensor(3, dtype=torch.int32)):
+        for mask_mode in ("grad", "update"):
+            lists = _step_state([5, CHUNK + 1, BRACKET_MIN + 1], torch.float32, gen, kind)
+            before = [[t.clone() for t in ts] for ts in lists]
+            check_step(lists, skip=skip.cuda(), mask_mode=mask_mode)
+            skipped = bool(skip.reshape(()) != 0) or kind != "random"
+            unchanged = all(torch.equal(_bits(x), _bits(y)) for i in (0, 4) for x, y in zip(lists[i], before[i]))
+            assert unchanged == skipped, (kind, skip)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sgd_step_on_views_and_non_contiguous_tensors(dtype):
+    gen = torch.Generator().manual_seed(203)
+    sizes = [5, CHUNK + 3, 8, BRACKET_MIN + 2]
+    for offset in (0, 1, 3):
+        total = sum(sizes) + offset
+        flat = [torch.randn(total, generator=gen).to("cuda", dtype) for _ in range(6)]
+        lists: list[list[torch.Tensor]] = [[] for _ in range(6)]
+        start = offset
+        for n in sizes:
+            for k in range(6):
+                lists[k].append(flat[k][start:start + n])
+            start += n
+        check_step(lists, mask_mode="update")
+    lists = [[torch.randn(300, 700, generator=gen).to("cuda", dtype).t()] for _ in range(6)]
+    ptrs = [ts[0].data_ptr() for ts in lists]
+    check_step(lists)
+    assert [ts[0].data_ptr() for ts in lists] == ptrs
+
+
+def test_sgd_step_with_more_tensors_than_one_launch_takes():
+    rng = random.Random(204)
+    gen = torch.Generator().manual_seed(204)
+    lists: list[list[torch.Tensor]] = [[] for _ in range(6)]
+    for _ in range(300):
+        n = rng.choice([0, 1, 64, 257, rng.randrange(1, 3 * CHUNK), BRACKET_MIN + rng.randrange(1000)])
+        for k, ts in enumerate(_step_state([n], rng.choice(DTYPES), gen, rng.choice(KINDS[:-1]))):
+            lists[k] += ts
+    check_step(lists, p=0.4)
+    check_step(lists, p=0.4, skip=torch.tensor(False, device="cuda"), mask_mode="update")
+
+
+def test_no_host_synchronisation():
+    """Under sync debug mode "error", any host synchronisation inside the ops raises."""
+    gen = torch.Generator().manual_seed(205)
+    lists = _step_state([7, CHUNK + 1, BRACKET_MIN + 5], torch.float32, gen)
+    skip = torch.zeros((), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        params, grads, nat, adv, bufs, rev = lists
+        torch.ops.cure.rgp_sgd_step(params, grads, nat, adv, bufs, rev, 0.1, 0.9, 5e-3, 0.1, 0.3, "update", 0.99, skip)
+        torch.ops.cure.rgp_sgd_step(params, grads, nat, adv, bufs, [], 0.1, 0.9, 5e-3, 0.1, 0.3, "grad", 0.0, None)
+        torch.ops.cure.rgp_mask(grads, nat, adv, 0.1, 0.3)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+def test_cuda_graph_capture_of_one_step():
+    gen = torch.Generator().manual_seed(206)
+    sizes = [5, CHUNK + 3, 0, BRACKET_MIN + 7, 2 * CHUNK]
+    lists = _step_state(sizes, torch.float32, gen)
+    skip = torch.zeros((), device="cuda")
+    hyper = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-3, "alpha": 0.1, "p": 0.3, "mask_mode": "update",
+             "decay": 0.99}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture
+        warm = [[t.clone() for t in ts] for ts in lists]
+        ck.rgp_sgd_step_(warm[0], warm[1], warm[2], warm[3], warm[4], revision=warm[5], skip=skip,
+                         backend="cuda", **hyper)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    params, grads, nat, adv, bufs, rev = lists
+    with torch.cuda.graph(graph):
+        stats = ck.rgp_sgd_step_(params, grads, nat, adv, bufs, revision=rev, skip=skip, backend="cuda", **hyper)
+    for kind, flag in (("random", 0.0), ("ties", 0.0), ("zeros", 1.0), ("inf", 0.0), ("random", 0.0)):
+        fresh = _step_state(sizes, torch.float32, gen, kind)
+        for ts, new in zip(lists, fresh):
+            for t, x in zip(ts, new):
+                t.copy_(x)
+        skip.fill_(flag)
+        expected = [[t.clone() for t in ts] for ts in (params, grads, bufs, rev)]
+        exp = ck.rgp_sgd_step_(expected[0], expected[1], nat, adv, expected[2], revision=expected[3],
+                               skip=skip.clone(), backend="reference", **hyper)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert bitwise_equal_f32(stats.thresholds, exp.thresholds), kind
+        assert torch.equal(stats.kept.cpu(), exp.kept.cpu()) and torch.equal(stats.nonfinite.cpu(), exp.nonfinite.cpu())
+        for gots, exps in zip((params, grads, bufs, rev), expected):
+            assert all(_same(x, y) for x, y in zip(gots, exps)), kind
+
+
+def test_opcheck_rgp_sgd_step():
+    gen = torch.Generator().manual_seed(207)
+    params, grads, nat, adv, bufs, rev = _step_state([5, 33, CHUNK + 17], torch.float32, gen)
+    torch.library.opcheck(torch.ops.cure.rgp_sgd_step,
+                          (params, grads, nat, adv, bufs, rev, 0.1, 0.9, 5e-3, 0.1, 0.3, "grad", 0.99,
+                           torch.zeros((), device="cuda")))
+
+
+def test_rgp_sgd_step_direct_calls_name_bad_arguments():
+    gen = torch.Generator().manual_seed(208)
+    params, grads, nat, adv, bufs, rev = _step_state([5], torch.float32, gen)
+    op = torch.ops.cure.rgp_sgd_step
+    with pytest.raises(RuntimeError, match="mask_mode must be 'grad' or 'update', got 'both'"):
+        op(params, grads, nat, adv, bufs, rev, 0.1, 0.9, 0.0, 0.1, 0.3, "both", 0.9, None)
+    with pytest.raises(RuntimeError, match=r"lr must be a finite number >= 0, got -1"):
+        op(params, grads, nat, adv, bufs, rev, -1.0, 0.9, 0.0, 0.1, 0.3, "grad", 0.9, None)
+    with pytest.raises(RuntimeError, match=r"momentum_buffers\[0\] has shape \[4\]"):
+        op(params, grads, nat, adv, [bufs[0][:4]], rev, 0.1, 0.9, 0.0, 0.1, 0.3, "grad", 0.9, None)
+    with pytest.raises(RuntimeError, match="skip must be None or a one-element real tensor"):
+        op(params, grads, nat, adv, bufs, rev, 0.1, 0.9, 0.0, 0.1, 0.3, "grad", 0.9, torch.zeros(2, device="cuda"))

@@ -1,5 +1,6 @@
-// CUDA implementations of cure::rgp_mask and cure::revise (schemas in csrc/cure_ops.cpp): ATen glue
-// around the kernels of rgp_mask_kernels.cu and revise_kernels.cu. Every launch goes to the current
+// CUDA implementations of cure::rgp_mask, cure::rgp_sgd_step and cure::revise (schemas in
+// csrc/cure_ops.cpp): ATen glue around the kernels of rgp_mask_kernels.cu, sgd_step_kernels.cu and
+// revise_kernels.cu. Every launch goes to the current
 // stream of the tensors' device; nothing here waits for the GPU.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -21,10 +22,15 @@ struct CudaExec {
     launch_rgp_mask_stage(stage, L, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  void sgd_step(const MaskLaunch& L) {
+    launch_sgd_step(L, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   void revise(const ReviseLaunch& L) {
     launch_revise(L, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  void finished(const TensorWork*, size_t) {}
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_mask_cuda(at::TensorList updates, at::TensorList grads_nat,
@@ -33,6 +39,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_mask_cuda(at::TensorList upda
   const c10::cuda::CUDAGuard guard(updates[0].device());
   CudaExec exec{c10::cuda::getCurrentCUDAStream().stream()};
   return rgp_mask_run(updates, grads_nat, grads_adv, alpha, p, exec);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_sgd_step_cuda(
+    at::TensorList params, at::TensorList grads, at::TensorList grads_nat, at::TensorList grads_adv,
+    at::TensorList momentum_buffers, at::TensorList revision, double lr, double momentum, double weight_decay,
+    double alpha, double p, c10::string_view mask_mode, double decay, const std::optional<at::Tensor>& skip) {
+  TORCH_CHECK(!grads.empty(), "rgp_sgd_step: empty tensor lists carry no device; handle them before dispatch");
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  CudaExec exec{c10::cuda::getCurrentCUDAStream().stream()};
+  return rgp_sgd_step_run(params, grads, grads_nat, grads_adv, momentum_buffers, revision, lr, momentum,
+                          weight_decay, alpha, p, std::string_view(mask_mode.data(), mask_mode.size()), decay, skip,
+                          exec);
 }
 
 void revise_cuda(at::TensorList revision, at::TensorList params, double decay) {
@@ -47,5 +65,6 @@ void revise_cuda(at::TensorList revision, at::TensorList params, double decay) {
 
 TORCH_LIBRARY_IMPL(cure, CUDA, m) {
   m.impl("rgp_mask", &cure_cuda::rgp_mask_cuda);
+  m.impl("rgp_sgd_step", &cure_cuda::rgp_sgd_step_cuda);
   m.impl("revise", &cure_cuda::revise_cuda);
 }

@@ -1,8 +1,9 @@
 // Device building blocks shared by the rgp_mask and revise kernels: element types, 16-byte vector
 // access, exact float arithmetic, block-wide scan, "last block" detection.
 //
-// Only __syncthreads-family barriers, shared/global atomics and __threadfence are used (no warp
-// intrinsics), so the same source also runs in the CPU emulation of emulation/cuda_emulation.h.
+// Only __syncthreads-family barriers, shared/global atomics, __threadfence and full-warp
+// __reduce_add_sync (sm_80 and newer) are used, all of which the CPU emulation of
+// emulation/cuda_emulation.h provides, so the same source also runs there.
 #pragma once
 
 #ifdef CURE_CUDA_EMULATION
@@ -173,6 +174,18 @@ struct RunCounter {
   }
 };
 
+// Sum of `value` over the 32 lanes of the calling warp (every lane must call it, converged).
+__device__ __forceinline__ uint32_t warp_sum(uint32_t value) { return __reduce_add_sync(0xffffffffu, value); }
+
+// Adds a per-thread count to one shared-memory word with one atomic per warp. Used for the zero bin of
+// a histogram: with many exact zeros (30 % is common in gradients) 8-10 lanes of a warp would hit that
+// bin with per-element shared atomics, which the hardware serialises; counting it in a register and
+// summing per warp costs one atomic per warp per chunk. Every thread of the block must call it.
+__device__ __forceinline__ void add_warp_count(uint32_t* word, uint32_t count) {
+  const uint32_t total = warp_sum(count);
+  if ((threadIdx.x & 31u) == 0 && total != 0) atomicAdd(word, total);
+}
+
 struct RankBins {
   uint32_t bin_a, resid_a, bin_b, resid_b;
 };
@@ -180,7 +193,9 @@ struct RankBins {
 // Given a global histogram (the keys of one prefix, counted by their next digit) and two ranks among
 // those keys, finds the bin holding each rank and the rank inside that bin. Every thread of the block
 // must call it; `scan` holds 2 * kThreads words, `out` 4 words of shared memory.
-template <uint32_t kBins>
+// kGlobal: `hist` is in global memory, written by other blocks' atomics (read through L2); else it is
+// a shared-memory histogram of this block (a barrier must separate its last atomic from this call).
+template <uint32_t kBins, bool kGlobal = true>
 __device__ __forceinline__ RankBins find_rank_bins(const uint32_t* hist, uint32_t rank_a, uint32_t rank_b,
                                                    uint32_t* scan, uint32_t* out) {
   constexpr uint32_t kPer = kBins / kThreads;
@@ -189,7 +204,7 @@ __device__ __forceinline__ RankBins find_rank_bins(const uint32_t* hist, uint32_
   uint32_t sum = 0;
 #pragma unroll
   for (uint32_t j = 0; j < kPer; ++j) {
-    counts[j] = __ldcg(hist + first + j);  // L2: the counts were written by other blocks' atomics
+    counts[j] = kGlobal ? __ldcg(hist + first + j) : hist[first + j];
     sum += counts[j];
   }
   if (threadIdx.x == 0) out[0] = out[1] = out[2] = out[3] = 0;

@@ -8,11 +8,9 @@
 
 namespace cure_cuda {
 
-// The four kernels of rgp_mask, in order; each launch covers every tensor of `L`.
-enum MaskStage : int { kStageHistogram = 0, kStageRefine = 1, kStageResolve = 2, kStageApply = 3 };
-constexpr int kNumMaskStages = 4;
-
+// Stages: see MaskStage in plan.h.
 void launch_rgp_mask_stage(int stage, const MaskLaunch& L, cudaStream_t stream);
+void launch_sgd_step(const MaskLaunch& L, cudaStream_t stream);
 void launch_revise(const ReviseLaunch& L, cudaStream_t stream);
 
 }  // namespace cure_cuda

@@ -5,12 +5,17 @@
 //
 // An Exec provides:
 //   void zero(void* ptr, size_t bytes);                 zero a workspace (stream-ordered)
-//   void mask_stage(int stage, const MaskLaunch& L);    launch one rgp_mask kernel (launchers.h)
+//   void mask_stage(int stage, const MaskLaunch& L);    launch one selection / mask kernel (launchers.h)
+//   void sgd_step(const MaskLaunch& L);                 launch the fused SGD step's apply kernel
 //   void revise(const ReviseLaunch& L);                 launch the revise kernel
+//   void finished(const TensorWork* work, size_t T);    after the last launch (the emulation reads the
+//                                                       selection paths; the CUDA executor does nothing)
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <optional>
+#include <string_view>
 #include <tuple>
 #include <vector>
 
@@ -46,6 +51,51 @@ inline void check_fraction(const char* name, double value) {
   TORCH_CHECK(value >= 0.0 && value <= 1.0, name, " must be a finite number in [0, 1], got ", value);
 }
 
+inline void check_nonnegative(const char* name, double value) {
+  TORCH_CHECK(std::isfinite(value) && value >= 0.0, name, " must be a finite number >= 0, got ", value);
+}
+
+// The outputs of a call and the workspace its kernels share.
+struct Selection {
+  at::Tensor thresholds, kept, nonfinite;  // float32[T], int64[T], int64[T]
+  at::Tensor work;                         // T TensorWork, then the call-wide non-finite word
+  at::Tensor candidates;                   // radix regions (n per tensor), then bracket regions
+  std::vector<MaskLaunch> launches;
+};
+
+// Plans a call over `inputs` and runs the selection kernels (stages 0-4) of every launch: afterwards
+// every threshold, nonfinite count and the call-wide non-finite word are known on the device.
+template <class Exec>
+Selection select_run(const std::vector<MaskInput>& inputs, const at::Device& device, double alpha, double p,
+                     Exec& exec) {
+  const size_t T = inputs.size();
+  const auto options = at::TensorOptions().device(device);
+  Selection sel;
+  sel.thresholds = at::empty({static_cast<int64_t>(T)}, options.dtype(at::kFloat));
+  sel.kept = at::empty({static_cast<int64_t>(T)}, options.dtype(at::kLong));
+  sel.nonfinite = at::empty({static_cast<int64_t>(T)}, options.dtype(at::kLong));
+  if (T == 0) return sel;
+  int64_t total = 0;
+  for (const MaskInput& in : inputs) total += in.n + static_cast<int64_t>(bracket_capacity(in.n));
+  const size_t work_bytes = T * sizeof(TensorWork) + 16;
+  sel.work = at::empty({static_cast<int64_t>(work_bytes)}, options.dtype(at::kByte));
+  exec.zero(sel.work.data_ptr(), work_bytes);
+  auto* work = static_cast<TensorWork*>(sel.work.data_ptr());
+  auto* call_nonfinite = reinterpret_cast<uint32_t*>(static_cast<unsigned char*>(sel.work.data_ptr()) +
+                                                     T * sizeof(TensorWork));
+  // Candidate slots: n per tensor covers the radix path's worst case (every score in the selected
+  // level-1 bin), plus the bracket regions. Allocated, not touched: only candidates are written.
+  sel.candidates = at::empty({total > 0 ? total : 1}, options.dtype(at::kInt));
+  sel.launches = plan_rgp_mask(inputs, alpha, p, work, static_cast<uint32_t*>(sel.candidates.data_ptr()),
+                               sel.thresholds.data_ptr<float>(),
+                               reinterpret_cast<long long*>(sel.kept.data_ptr<int64_t>()),
+                               reinterpret_cast<long long*>(sel.nonfinite.data_ptr<int64_t>()), call_nonfinite);
+  for (const MaskLaunch& L : sel.launches) {
+    for (int stage = 0; stage < kNumSelectStages; ++stage) exec.mask_stage(stage, L);
+  }
+  return sel;
+}
+
 template <class Exec>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_mask_run(at::TensorList updates, at::TensorList grads_nat,
                                                             at::TensorList grads_adv, double alpha, double p,
@@ -57,17 +107,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_mask_run(at::TensorList updat
   check_fraction("alpha", alpha);
   check_fraction("p", p);
   const at::Device device = T > 0 ? updates[0].device() : at::Device(at::kCPU);
-  const auto options = at::TensorOptions().device(device);
-  const int64_t count = static_cast<int64_t>(T);
-  at::Tensor thresholds = at::empty({count}, options.dtype(at::kFloat));
-  at::Tensor kept = at::empty({count}, options.dtype(at::kLong));
-  at::Tensor nonfinite = at::empty({count}, options.dtype(at::kLong));
-  if (T == 0) return {thresholds, kept, nonfinite};
 
   // Contiguous operands (copies only where needed; sizes depend on shapes only).
   std::vector<at::Tensor> nat(T), adv(T), upd(T);
   std::vector<MaskInput> inputs(T);
-  int64_t total = 0;
   for (size_t i = 0; i < T; ++i) {
     const uint32_t code = dtype_code(updates[i], "updates", i);
     check_like(updates[i], "updates", updates[i], "updates", i, device);
@@ -80,24 +123,91 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_mask_run(at::TensorList updat
     adv[i] = grads_adv[i].contiguous();
     upd[i] = updates[i].contiguous();  // the tensor itself when contiguous, else a copy written back below
     inputs[i] = MaskInput{nat[i].data_ptr(), adv[i].data_ptr(), upd[i].data_ptr(), n, code};
-    total += n;
   }
-
-  at::Tensor work = at::empty({static_cast<int64_t>(T * sizeof(TensorWork))}, options.dtype(at::kByte));
-  exec.zero(work.data_ptr(), T * sizeof(TensorWork));
-  // Candidate slots: n per tensor covers the worst case (every score in the selected level-1 bin).
-  at::Tensor candidates = at::empty({total > 0 ? total : 1}, options.dtype(at::kInt));
-  const std::vector<MaskLaunch> launches = plan_rgp_mask(
-      inputs, alpha, p, static_cast<TensorWork*>(work.data_ptr()), static_cast<uint32_t*>(candidates.data_ptr()),
-      thresholds.data_ptr<float>(), reinterpret_cast<long long*>(kept.data_ptr<int64_t>()),
-      reinterpret_cast<long long*>(nonfinite.data_ptr<int64_t>()));
-  for (const MaskLaunch& L : launches) {
-    for (int stage = 0; stage < 4; ++stage) exec.mask_stage(stage, L);
-  }
+  Selection sel = select_run(inputs, device, alpha, p, exec);
+  for (const MaskLaunch& L : sel.launches) exec.mask_stage(kStageApply, L);
+  if (T > 0) exec.finished(static_cast<const TensorWork*>(sel.work.data_ptr()), T);
   for (size_t i = 0; i < T; ++i) {
     if (!upd[i].is_same(updates[i])) updates[i].copy_(upd[i]);
   }
-  return {thresholds, kept, nonfinite};
+  return {sel.thresholds, sel.kept, sel.nonfinite};
+}
+
+// cure::rgp_sgd_step (csrc/cure_ops.cpp; formula in cure_kernels/sgd_step.py).
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_sgd_step_run(
+    at::TensorList params, at::TensorList grads, at::TensorList grads_nat, at::TensorList grads_adv,
+    at::TensorList momentum_buffers, at::TensorList revision, double lr, double momentum, double weight_decay,
+    double alpha, double p, std::string_view mask_mode, double decay, const std::optional<at::Tensor>& skip,
+    Exec& exec) {
+  const size_t T = grads.size();
+  TORCH_CHECK(params.size() == T && grads_nat.size() == T && grads_adv.size() == T && momentum_buffers.size() == T,
+              "tensor lists must have equal lengths, got len(params)=", params.size(), ", len(grads)=", T,
+              ", len(grads_nat)=", grads_nat.size(), ", len(grads_adv)=", grads_adv.size(),
+              ", len(momentum_buffers)=", momentum_buffers.size());
+  TORCH_CHECK(revision.empty() || revision.size() == T, "revision must be empty (no revision update) or have ", T,
+              " tensors like params, got ", revision.size());
+  check_fraction("alpha", alpha);
+  check_fraction("p", p);
+  check_fraction("momentum", momentum);
+  check_fraction("decay", decay);
+  check_nonnegative("lr", lr);
+  check_nonnegative("weight_decay", weight_decay);
+  TORCH_CHECK(mask_mode == "grad" || mask_mode == "update", "mask_mode must be 'grad' or 'update', got '",
+              std::string(mask_mode), "'");
+  const at::Device device = T > 0 ? grads[0].device() : at::Device(at::kCPU);
+  at::Tensor skip_flag;  // one bool on the device (computed there: no host synchronisation)
+  if (skip.has_value()) {
+    TORCH_CHECK(skip->numel() == 1 && !skip->is_complex(),
+                "skip must be None or a one-element real tensor, got shape ", skip->sizes(), " and dtype ",
+                skip->scalar_type());
+    TORCH_CHECK(T == 0 || skip->device() == device, "skip is on ", skip->device(), " but grads[0] is on ", device,
+                "; pass a flag on the tensors' device");
+  }
+  const bool revise = !revision.empty();
+
+  std::vector<at::Tensor> nat(T), adv(T), grd(T), prm(T), buf(T), rev(T);
+  std::vector<MaskInput> inputs(T);
+  for (size_t i = 0; i < T; ++i) {
+    const uint32_t code = dtype_code(grads[i], "grads", i);
+    check_like(grads_nat[i], "grads_nat", grads[i], "grads", i, device);
+    check_like(grads_adv[i], "grads_adv", grads[i], "grads", i, device);
+    check_like(params[i], "params", grads[i], "grads", i, device);
+    check_like(momentum_buffers[i], "momentum_buffers", grads[i], "grads", i, device);
+    if (revise) check_like(revision[i], "revision", grads[i], "grads", i, device);
+    const int64_t n = grads[i].numel();
+    TORCH_CHECK(n <= kMaxElements, "grads[", i, "] has ", n, " elements; the CUDA kernels take at most ",
+                kMaxElements, " per tensor");
+    nat[i] = grads_nat[i].contiguous();
+    adv[i] = grads_adv[i].contiguous();
+    grd[i] = grads[i].contiguous();  // written: copies are written back below
+    prm[i] = params[i].contiguous();
+    buf[i] = momentum_buffers[i].contiguous();
+    if (revise) rev[i] = revision[i].contiguous();
+    inputs[i] = MaskInput{nat[i].data_ptr(), adv[i].data_ptr(), grd[i].data_ptr(), n, code,
+                          prm[i].data_ptr(), buf[i].data_ptr(), revise ? rev[i].data_ptr() : nullptr};
+  }
+  Selection sel = select_run(inputs, device, alpha, p, exec);
+  if (T == 0) return {sel.thresholds, sel.kept, sel.nonfinite};
+  if (skip.has_value()) skip_flag = skip->reshape({}).ne(0);  // NaN != 0: a NaN flag skips
+  for (MaskLaunch& L : sel.launches) {
+    L.skip = skip_flag.defined() ? static_cast<const unsigned char*>(skip_flag.data_ptr()) : nullptr;
+    L.lr = static_cast<float>(lr);
+    L.momentum = static_cast<float>(momentum);
+    L.weight_decay = static_cast<float>(weight_decay);
+    L.decay = static_cast<float>(decay);
+    L.keep = static_cast<float>(1.0 - decay);
+    L.step_flags = (mask_mode == "update" ? kStepUpdateMode : 0u) | (revise ? kStepRevise : 0u);
+    exec.sgd_step(L);
+  }
+  exec.finished(static_cast<const TensorWork*>(sel.work.data_ptr()), T);
+  for (size_t i = 0; i < T; ++i) {
+    if (!grd[i].is_same(grads[i])) grads[i].copy_(grd[i]);
+    if (!prm[i].is_same(params[i])) params[i].copy_(prm[i]);
+    if (!buf[i].is_same(momentum_buffers[i])) momentum_buffers[i].copy_(buf[i]);
+    if (revise && !rev[i].is_same(revision[i])) revision[i].copy_(rev[i]);
+  }
+  return {sel.thresholds, sel.kept, sel.nonfinite};
 }
 
 template <class Exec>

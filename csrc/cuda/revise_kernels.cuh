@@ -3,6 +3,8 @@
 // rev's element type (round to nearest even), exactly like
 // `rev.copy_(decay * rev.float() + (1 - decay) * param.float())`.
 // Tensor lists read: tensors[i].rev (read and written), tensors[i].param (read).
+// Bytes per element, float32: 8 read + 4 written = 12 (bf16/fp16: 6). Expected H100 time (~3.0 TB/s)
+// for ResNet-18 (11.2 M parameters), ESTIMATE: ~45 us at the bandwidth limit, ~60 us at a typical 75 %.
 #pragma once
 
 #include "device_common.cuh"

@@ -5,9 +5,12 @@
 // coroutines (ucontext) switched only at barriers, resumed in a shuffled order after each barrier, so
 // code that reads shared memory another thread wrote without a barrier in between sees varying results.
 // __shared__ variables become function statics (one instance, shared by the block's threads).
-// Global atomics are plain read-modify-writes (one OS thread). What this cannot show: races between
-// concurrently running blocks (memory fences, L1 staleness), warp-level behaviour, timing.
-// A barrier that some threads skip (divergent __syncthreads, or some threads returned) aborts.
+// Global atomics are plain read-modify-writes (one OS thread). Full-warp collectives
+// (__reduce_add_sync) are a barrier of the 32 threads of a warp: every lane must arrive, with the
+// full mask, before any of them continues. What this cannot show: races between concurrently running
+// blocks (memory fences, L1 staleness), lanes of a warp running apart between collectives, timing.
+// A barrier that some threads skip (divergent __syncthreads, some threads returned, a warp collective
+// that not every lane of the warp reaches) aborts.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -54,7 +57,10 @@ struct Thread {
   bool waiting = false;  // at a barrier
   int barrier_kind = 0;
   int value = 0;
+  unsigned warp_value = 0;  // a warp collective's operand, then its result
 };
+
+constexpr int kWarpCollective = 100;  // barrier_kind of a thread waiting in a warp collective
 
 struct Scheduler {
   ucontext_t main;
@@ -91,6 +97,40 @@ inline int barrier(int kind, int value) {
   t.value = value;
   swapcontext(&t.ctx, &s.main);
   return s.barrier_count;
+}
+
+// Called by an emulated thread: a full-warp reduction (sum) of `value`.
+inline unsigned warp_reduce_add(unsigned mask, unsigned value) {
+  if (mask != 0xffffffffu) fail("warp collective with a partial mask");
+  Scheduler& s = sched();
+  Thread& t = s.threads[s.current];
+  t.waiting = true;
+  t.barrier_kind = kWarpCollective;
+  t.warp_value = value;
+  swapcontext(&t.ctx, &s.main);
+  return s.threads[s.current].warp_value;
+}
+
+// Releases every warp whose 32 threads all wait in a warp collective; returns how many were released.
+inline unsigned release_warps() {
+  Scheduler& s = sched();
+  unsigned released = 0;
+  for (size_t w = 0; w + 32 <= s.threads.size(); w += 32) {
+    bool all = true;
+    unsigned sum = 0;
+    for (size_t i = w; i < w + 32; ++i) {
+      const Thread& t = s.threads[i];
+      all = all && t.waiting && t.barrier_kind == kWarpCollective;
+      sum += t.warp_value;
+    }
+    if (!all) continue;
+    for (size_t i = w; i < w + 32; ++i) {
+      s.threads[i].waiting = false;
+      s.threads[i].warp_value = sum;
+    }
+    ++released;
+  }
+  return released;
 }
 
 inline void seed(uint64_t value) { sched().rng.seed(value); }
@@ -137,8 +177,10 @@ void launch(unsigned grid, unsigned block, F&& kernel) {
         count += t.waiting && t.value != 0 ? 1u : 0u;
       }
       if (done == block) break;
+      if (release_warps() != 0) continue;
       if (done != 0) fail("barrier reached by only part of the block (some threads returned)");
       for (Thread& t : s.threads) {
+        if (t.barrier_kind == kWarpCollective) fail("a warp collective not reached by every lane of the warp");
         if (t.barrier_kind != s.threads[0].barrier_kind) fail("threads wait at different kinds of barrier");
       }
       s.barrier_count = static_cast<int>(count);
@@ -155,6 +197,9 @@ inline void __syncthreads() { cure_emu::barrier(0, 0); }
 inline int __syncthreads_or(int v) { return cure_emu::barrier(1, v != 0) != 0 ? 1 : 0; }
 inline int __syncthreads_count(int v) { return cure_emu::barrier(2, v != 0); }
 inline void __threadfence() {}
+inline unsigned int __reduce_add_sync(unsigned int mask, unsigned int value) {
+  return cure_emu::warp_reduce_add(mask, value);
+}
 template <class T>
 inline T __ldcg(const T* p) {
   return *p;
