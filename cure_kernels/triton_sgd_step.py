@@ -34,13 +34,12 @@ from torch import Tensor
 
 from cure_kernels.triton_revise import round_from_float32
 from cure_kernels.triton_rgp_mask import (
-    _ALIGN,
     _STREAM_OPTIONS,
-    _T_COLS,
-    _T_END,
     _T_OUT,
     BLOCK,
     _Group,
+    _last_states,
+    chunk_bounds,
     flatten_tensors,
     plan_groups,
     scatter_back,
@@ -62,34 +61,33 @@ def _upcast(x):
 
 
 @triton.jit
-def _sgd_step_kernel(nat_ptr, adv_ptr, grad_ptr, param_ptr, buf_ptr, rev_ptr, chunk_ptr, tensor_ptr, thr_ptr,
-                     kept_ptr, alpha, beta, lr, momentum, weight_decay, decay, keep, num_chunks,
-                     BLOCK: tl.constexpr, ALIGNED: tl.constexpr, FREEZE: tl.constexpr, REVISE: tl.constexpr):
-    # tl[0] g_nat, tl[1] g_adv (read); tl[2] grads (zeros stored where s < thr); tl[3] params, tl[4] momentum
-    # buffers (read, written; in FREEZE mode only where s >= thr); tl[5] revision (read, written; only when
-    # REVISE, otherwise an unused placeholder). All flat, one dtype; chunk table as in triton_rgp_mask.
-    pid = tl.program_id(0)
-    t = tl.load(chunk_ptr + pid).to(tl.int32)
-    start = tl.load(chunk_ptr + num_chunks + pid)
-    trow = tensor_ptr + t * _T_COLS
-    end = tl.load(trow + _T_END)
-    if ALIGNED:  # every tensor size is a multiple of _ALIGN: the bounds mask is too, so loads vectorise
-        start = tl.multiple_of(start, _ALIGN)
-        end = tl.multiple_of(end, _ALIGN)
-    out = tl.load(trow + _T_OUT)
-    thr = tl.load(thr_ptr + out)
-    offs = start + tl.arange(0, BLOCK)
-    m = offs < end
-    s, key = score_keys(nat_ptr, adv_ptr, offs, m, alpha, beta)
-    drop = m & (s < thr)
+def _sgd_step_body(nat_ptr, adv_ptr, grad_ptr, param_ptr, buf_ptr, rev_ptr, offs, m, thr, skipped, alpha, beta, lr,
+                   momentum, weight_decay, decay, keep, FULL: tl.constexpr, FREEZE: tl.constexpr,
+                   REVISE: tl.constexpr):
+    # Every load is issued before any store: the gradient is read once, never stored and read back.
+    if FULL:
+        g_in = tl.load(grad_ptr + offs)
+        w_in = tl.load(param_ptr + offs)
+        v_in = tl.load(buf_ptr + offs)
+    else:
+        g_in = tl.load(grad_ptr + offs, mask=m, other=0.0)
+        w_in = tl.load(param_ptr + offs, mask=m, other=0.0)
+        v_in = tl.load(buf_ptr + offs, mask=m, other=0.0)
+    if REVISE:
+        if FULL:
+            r_in = tl.load(rev_ptr + offs)
+        else:
+            r_in = tl.load(rev_ptr + offs, mask=m, other=0.0)
+    drop = m & (offs < 0)  # all False
+    masking = thr > 0  # a threshold <= 0 or NaN masks nothing: the scores are not read
+    if masking:
+        s, key = score_keys(nat_ptr, adv_ptr, offs, m, alpha, beta, FULL)
+        drop = m & (s < thr)
     dtype = grad_ptr.dtype.element_ty
-    tl.store(grad_ptr + offs, tl.zeros([BLOCK], dtype=dtype), mask=drop)
-    kept = tl.sum((m & ~drop).to(tl.int32))
-    tl.atomic_add(kept_ptr + out, kept.to(tl.int64), sem="relaxed")
-
-    g = tl.where(drop, 0.0, _upcast(tl.load(grad_ptr + offs, mask=m & ~drop, other=0.0)))
-    w = _upcast(tl.load(param_ptr + offs, mask=m, other=0.0))
-    v = _upcast(tl.load(buf_ptr + offs, mask=m, other=0.0))
+    g_new = tl.where(drop, tl.zeros_like(g_in), g_in)
+    g = _upcast(g_new)
+    w = _upcast(w_in)
+    v = _upcast(v_in)
     wdw = weight_decay * w
     d = g + wdw
     mv = momentum * v
@@ -100,34 +98,65 @@ def _sgd_step_kernel(nat_ptr, adv_ptr, grad_ptr, param_ptr, buf_ptr, rev_ptr, ch
         write = m & ~drop
     else:
         write = m
+    write = write & (skipped == 0)
+    if masking:  # the whole gradient is stored (it was read anyway): full sectors, no partial writes
+        if FULL:
+            tl.store(grad_ptr + offs, g_new)
+        else:
+            tl.store(grad_ptr + offs, g_new, mask=m)
     tl.store(buf_ptr + offs, v_new, mask=write)
     tl.store(param_ptr + offs, w_new, mask=write)
     if REVISE:
         w_out = tl.where(write, _upcast(w_new), w)  # the parameter as it is now stored
-        r = _upcast(tl.load(rev_ptr + offs, mask=m, other=0.0))
+        r = _upcast(r_in)
         dr = decay * r
         kw = keep * w_out
-        tl.store(rev_ptr + offs, round_from_float32(dr + kw, dtype), mask=m)
+        r_new = round_from_float32(dr + kw, dtype)
+        if FULL:
+            tl.store(rev_ptr + offs, r_new)
+        else:
+            tl.store(rev_ptr + offs, r_new, mask=m)
+    return tl.sum(drop.to(tl.int32))
 
 
-def _step_group(group: _Group, lists: list[list[Tensor]], revise: bool, scalars: tuple[float, ...],
-                freeze: bool, thresholds: Tensor, kept: Tensor, nonfinite: Tensor) -> None:
-    grads, nat_l, adv_l, params, bufs, revs = lists
+@triton.jit
+def _sgd_step_kernel(nat_ptr, adv_ptr, grad_ptr, param_ptr, buf_ptr, rev_ptr, chunk_ptr, tensor_ptr, thr_ptr,
+                     kept_ptr, skip_ptr, alpha, beta, lr, momentum, weight_decay, decay, keep, num_chunks,
+                     BLOCK: tl.constexpr, FREEZE: tl.constexpr, REVISE: tl.constexpr, SKIP: tl.constexpr):
+    # tl[0] g_nat, tl[1] g_adv (read); tl[2] grads (masked); tl[3] params, tl[4] momentum buffers (read,
+    # written; in FREEZE mode only where s >= thr; not at all when SKIP and the skip flag is set); tl[5]
+    # revision (read, written; only when REVISE, otherwise an unused placeholder). All flat, one dtype;
+    # chunks as in triton_rgp_mask. skip_ptr: int32 flag (SKIP only).
+    t, trow, offs, m, full = chunk_bounds(chunk_ptr, tensor_ptr, num_chunks, BLOCK)
+    out = tl.load(trow + _T_OUT)
+    thr = tl.load(thr_ptr + out)
+    skipped = 0
+    if SKIP:
+        skipped = tl.load(skip_ptr)
+    if full:
+        dropped = _sgd_step_body(nat_ptr, adv_ptr, grad_ptr, param_ptr, buf_ptr, rev_ptr, offs, m, thr, skipped,
+                                 alpha, beta, lr, momentum, weight_decay, decay, keep, True, FREEZE, REVISE)
+    else:
+        dropped = _sgd_step_body(nat_ptr, adv_ptr, grad_ptr, param_ptr, buf_ptr, rev_ptr, offs, m, thr, skipped,
+                                 alpha, beta, lr, momentum, weight_decay, decay, keep, False, FREEZE, REVISE)
+    kept = tl.sum(m.to(tl.int32)) - dropped
+    tl.atomic_add(kept_ptr + out, kept.to(tl.int64), sem="relaxed")
+
+
+def _step_group(group: _Group, lists: list[list[Tensor]], nat: Tensor, adv: Tensor, revise: bool,
+                scalars: tuple[float, ...], freeze: bool, thresholds: Tensor, kept: Tensor,
+                skip_flag: Tensor | None) -> None:
+    grads, _, _, params, bufs, revs = lists
     alpha, beta, lr, momentum, weight_decay, decay, keep = scalars
     nc = group.num_chunks
-    if nc == 0:  # only empty tensors: NaN thresholds, nothing to update
-        select_thresholds(group, grads[0], grads[0], alpha, beta, thresholds, nonfinite)
-        return
-    nat, _ = flatten_tensors(nat_l)
-    adv, _ = flatten_tensors(adv_l)
-    select_thresholds(group, nat, adv, alpha, beta, thresholds, nonfinite)
     written = [grads, params, bufs] + ([revs] if revise else [])
     flats = [flatten_tensors(tensors) for tensors in written]
     grad, param, buf = (f for f, _ in flats[:3])
     rev = flats[3][0] if revise else param  # placeholder pointer, never read when REVISE is off
-    _sgd_step_kernel[(nc,)](nat, adv, grad, param, buf, rev, group.chunks, group.tensors, thresholds, kept,
+    flag = skip_flag if skip_flag is not None else thresholds  # placeholder pointer, never read without SKIP
+    _sgd_step_kernel[(nc,)](nat, adv, grad, param, buf, rev, group.chunks, group.tensors, thresholds, kept, flag,
                             alpha, beta, lr, momentum, weight_decay, decay, keep, nc, BLOCK=BLOCK,
-                            ALIGNED=group.aligned, FREEZE=freeze, REVISE=revise, **_STREAM_OPTIONS)
+                            FREEZE=freeze, REVISE=revise, SKIP=skip_flag is not None, **_STREAM_OPTIONS)
     for (flat, packed), tensors in zip(flats, written):
         if packed:
             scatter_back(flat, tensors)
@@ -143,9 +172,6 @@ def rgp_sgd_step_triton(params: list[Tensor], grads: list[Tensor], grads_nat: li
     kept int64[T], nonfinite int64[T])``, bit for bit :func:`cure_kernels.sgd_step.rgp_sgd_step_reference`,
     without a host synchronisation.
     """
-    if skip is not None:
-        raise NotImplementedError("rgp_sgd_step_: the Triton backend does not take skip= yet; "
-                                  "use backend='reference' or 'cpu'")
     num = len(params)
     device = params[0].device if num else torch.device("cpu")
     thresholds = torch.empty(num, dtype=torch.float32, device=device)
@@ -157,9 +183,23 @@ def rgp_sgd_step_triton(params: list[Tensor], grads: list[Tensor], grads_nat: li
     # Every scalar rounded to float32 once on the host; 1 - alpha and 1 - decay computed in double first.
     scalars = tuple(float(f32(x)) for x in (alpha, 1.0 - alpha, lr, momentum, weight_decay, decay, 1.0 - decay))
     revise = len(revision) > 0
+    _last_states.clear()
+    # Selection for every group first: with skip=, any non-finite score of the call decides the update of all.
+    work = []
     for group in plan_groups(grads, float(p)):
         idx = group.members
         lists = [[src[i] for i in idx] if src else [] for src in
                  (grads, grads_nat, grads_adv, params, momentum_buffers, revision)]
-        _step_group(group, lists, revise, scalars, mask_mode == "update", thresholds, kept, nonfinite)
+        if group.num_chunks == 0:  # only empty tensors: NaN thresholds, nothing to update
+            select_thresholds(group, grads[idx[0]], grads[idx[0]], scalars[0], scalars[1], thresholds, nonfinite)
+            continue
+        nat, _ = flatten_tensors(lists[1])
+        adv, _ = flatten_tensors(lists[2])
+        select_thresholds(group, nat, adv, scalars[0], scalars[1], thresholds, nonfinite)
+        work.append((group, lists, nat, adv))
+    skip_flag = None
+    if skip is not None:  # on the device: no host synchronisation
+        skip_flag = torch.logical_or(skip.reshape(()) != 0, nonfinite.sum() > 0).to(torch.int32).reshape(1)
+    for group, lists, nat, adv in work:
+        _step_group(group, lists, nat, adv, revise, scalars, mask_mode == "update", thresholds, kept, skip_flag)
     return thresholds, kept, nonfinite
