@@ -21,9 +21,11 @@ Selection, per dtype group (all launches cover every tensor of the group; no hos
    ``SAMPLE_TILE`` contiguous elements spread evenly over the tensor (m = 16384 by default), and the
    sample's order statistics at ranks r_lo, r_hi (about p -/+ 5 sigma, computed on the host): the
    bracket keys lo <= hi. Reads 0.25 B/element of a large tensor.
-2. ``_bracket_kernel`` (pass 1 over the data): per tensor, counts keys < lo, == lo, NaN and +inf,
-   and compacts the keys in (lo, hi] into a candidate buffer of fixed capacity (n/8). Reads g_nat,
-   g_adv: 8 B/element, writes 4 B per candidate (about 3-4 % of the elements).
+2. ``_bracket_kernel`` (pass 1 over the data): per tensor, counts keys < lo, == lo, == hi, NaN and
+   +inf, and compacts the keys in (lo, hi) into a candidate buffer of fixed capacity (n/8). Keys equal
+   to lo or hi are counted, not stored: runs of equal scores at either end (exact zeros, two-valued
+   data, +inf) cost no candidate space. Reads g_nat, g_adv: 8 B/element, writes 4 B per candidate
+   (about 3-4 % of the elements).
 3. ``_resolve_kernel`` (one program per tensor): when ranks k and k+1 fall inside the bracket (the
    counts say so exactly), v[k] and v[k+1] are selected exactly among the candidates (a 256-bin
    radix select that skips the key bits every candidate shares), and the threshold is written. A
@@ -143,9 +145,10 @@ _S_LO = tl.constexpr(6)  # bracket keys
 _S_HI = tl.constexpr(7)
 _S_LT = tl.constexpr(8)  # keys < lo
 _S_EQ = tl.constexpr(9)  # keys == lo
-_S_MID = tl.constexpr(10)  # keys in (lo, hi], NaN excluded (may exceed the capacity: overflow)
+_S_MID = tl.constexpr(10)  # keys in (lo, hi), compacted (the count may exceed the capacity: overflow)
 _S_NAN = tl.constexpr(11)  # NaN scores
 _S_INF = tl.constexpr(12)  # +inf scores
+_S_EQ_HI = tl.constexpr(13)  # keys == hi (when hi != lo)
 _S_COLS = tl.constexpr(16)
 
 _INT32_LIMIT = 2**31
@@ -310,14 +313,17 @@ def _bracket_body(nat_ptr, adv_ptr, cand_ptr, trow, state, offs, m, alpha, beta,
     hi = tl.load(state + _S_HI)
     n_lt = tl.sum((m & (key < lo)).to(tl.int32))
     n_eq = tl.sum((m & (key == lo)).to(tl.int32))
+    n_hi = tl.sum((m & (key == hi) & (hi != lo)).to(tl.int32))
     n_nan = tl.sum((m & (key == _NAN_KEY)).to(tl.int32))
     n_inf = tl.sum((m & (key == _INF_KEY)).to(tl.int32))
-    mid = m & (key > lo) & (key <= hi) & (key != _NAN_KEY)
+    mid = m & (key > lo) & (key < hi)
     n_mid = tl.sum(mid.to(tl.int32))
     if n_lt > 0:
         tl.atomic_add(state + _S_LT, n_lt, sem="relaxed")
     if n_eq > 0:
         tl.atomic_add(state + _S_EQ, n_eq, sem="relaxed")
+    if n_hi > 0:
+        tl.atomic_add(state + _S_EQ_HI, n_hi, sem="relaxed")
     if n_nan > 0:
         tl.atomic_add(state + _S_NAN, n_nan, sem="relaxed")
     if n_inf > 0:
@@ -356,21 +362,27 @@ def _resolve_kernel(tensor_ptr, frac_ptr, state_ptr, cand_ptr, thr_ptr, nonfinit
         c_lt = tl.load(state + _S_LT)
         c_eq = tl.load(state + _S_EQ)
         c_mid = tl.load(state + _S_MID)
+        c_hi = tl.load(state + _S_EQ_HI)
         n_nan = tl.load(state + _S_NAN)
         n_inf = tl.load(state + _S_INF)
         cap = tl.load(trow + _T_CAP).to(tl.int32)
         cands = cand_ptr + tl.load(trow + _T_CAND)
-        below = c_lt + c_eq  # ranks < below are < lo or == lo
+        below = c_lt + c_eq  # ranks < below: keys < lo or == lo
+        top = below + c_mid  # ranks in [below, top): the candidates; [top, top + c_hi): keys == hi
         overflow = c_mid > cap
-        miss = (k < c_lt) | (k1 >= below + c_mid) | ((k1 >= below) & overflow)
+        miss = (k < c_lt) | (k1 >= top + c_hi) | (overflow & (k1 >= below) & (k < top))
         miss = miss & (n_nan == 0)  # a NaN anywhere: the threshold is NaN, nothing to select
         a = lo
         b = lo
         if (n_nan == 0) & (miss == 0):
-            if k >= below:
-                a = _candidate_rank_select(cands, c_mid, k - below, lo, hi, BLOCK)
+            if k >= top:
+                a = hi
+            elif k >= below:
+                a = _candidate_rank_select(cands, c_mid, k - below, lo, hi - 1, BLOCK)
             b = a
-            if k1 >= below:  # k1 > k here; the candidates are all > lo
+            if k1 >= top:
+                b = hi
+            elif k1 >= below:  # v[k1] is the smallest candidate above a unless a's run reaches rank k1
                 n_le = c_mid * 0
                 smallest = c_mid * 0 + _BIG
                 for start in range(0, c_mid, BLOCK):
@@ -702,7 +714,7 @@ def _build_group(members: list[int], sizes: list[int], p: float, device: torch.d
         k, k1, g, one_minus_g, below_half = _interpolation(size, p)
         bracket = size >= max(BRACKET_MIN, 4 * m)
         r_lo, r_hi = bracket_ranks(size, k, k1, m) if bracket else (0, 0)
-        cap = max(size // CAND_FRACTION, BLOCK) if bracket else 0
+        cap = size // CAND_FRACTION if bracket else 0
         table[j] = (starts[j], starts[j] + size, k, k1, i, below_half, size, bracket, r_lo, r_hi, cand_total, cap)
         cand_total += cap
         bracketed += bracket

@@ -149,15 +149,25 @@ def test_exact_on_keys_sharing_long_prefixes(device, seed):
     assert_matches_reference("triton", updates, nat, adv, alpha=float(rng.random()), p=0.3)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_group_of_sizes_divisible_by_eight_takes_the_vectorised_path(device, dtype):
-    sizes = [8, 64, BLOCK, 2 * BLOCK + 8]
-    updates, nat, adv = _inputs("zeros", sizes, dtype, 12, device)
-    (group,) = triton_rgp_mask._plan(updates, 0.3)
-    assert group.aligned
+def test_chunks_are_block_aligned_so_only_a_tensors_ends_are_masked():
+    """A 10-element tensor first shifts every later tensor off alignment; chunks are still BLOCK-aligned
+    pieces of the flat buffer, so all chunks strictly inside a tensor are full (the unmasked path)."""
+    sizes = [10, 3 * BLOCK + 5, 0, 7, BLOCK]
+    (group,) = triton_rgp_mask._plan([torch.empty(n) for n in sizes], 0.3)
+    chunks = group.chunks.cpu().view(2, -1)
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    pieces = []
+    for t, block in chunks.t().tolist():
+        lo, hi = max(starts[t], block * BLOCK), min(starts[t] + sizes[t], (block + 1) * BLOCK)
+        assert lo < hi
+        pieces.append((t, lo, hi, hi - lo == BLOCK))
+    assert [p[:3] for p in pieces] == sorted(p[:3] for p in pieces)
+    for t, n in enumerate(sizes):  # the chunks of each tensor tile it exactly
+        mine = [(lo, hi) for u, lo, hi, _ in pieces if u == t]
+        assert sum(hi - lo for lo, hi in mine) == n
+    assert sum(full for *_, full in pieces) == 2  # blocks 1 and 2 lie inside the second tensor
+    updates, nat, adv = _inputs("random", sizes, torch.float32, 12, DEVICES[0])
     assert_matches_reference("triton", updates, nat, adv, alpha=0.1, p=0.3)
-    assert not triton_rgp_mask._plan(updates + [updates[0][:3]], 0.3)[0].aligned
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -190,6 +200,158 @@ def test_group_of_only_empty_tensors(device):
     stats = ck.rgp_mask_(updates, grads, grads, alpha=0.1, p=0.3, backend="triton")
     assert torch.isnan(stats.thresholds).all() and stats.kept.tolist() == [0, 0]
     assert stats.nonfinite.tolist() == [0, 0]
+
+
+# --- the sampling bracket: cases built to defeat it ------------------------------------------------------
+@pytest.fixture
+def small_bracket(monkeypatch):
+    """Bracket every tensor of at least 2048 elements from a 256-score sample (16 tiles of 16), so the
+    interpreter can run the cases; the algorithm is the one of the default sizes."""
+    monkeypatch.setattr(triton_rgp_mask, "BRACKET_MIN", 2048)
+    monkeypatch.setattr(triton_rgp_mask, "SAMPLE_TILE", 16)
+    monkeypatch.setattr(triton_rgp_mask, "SAMPLE_TILES", 16)
+    # 5 sigma of a 256-score sample is +-14 % of the ranks at p = 0.3: room for half the tensor.
+    monkeypatch.setattr(triton_rgp_mask, "CAND_FRACTION", 2)
+    return triton_rgp_mask
+
+
+def _bracket_case(name: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """float32 scores (used as g_nat with alpha = 1, so s = |g_nat|) of the named pathology."""
+    u = rng.random(n, dtype=np.float32)
+    if name == "all_equal":
+        return np.full(n, 0.25, np.float32)
+    if name == "ties_at_lo":  # three values, the middle one a run holding the bracket's low end
+        return rng.choice(np.array([0.5, 1.0, 2.0], np.float32), size=n, p=[0.25, 0.1, 0.65])
+    if name == "run_straddling_k":  # 60 % equal values from rank 0.1 n to 0.7 n
+        x = np.where(u < 0.1, u, np.where(u < 0.7, np.float32(0.5), u + 1)).astype(np.float32)
+        return rng.permutation(x)
+    if name in ("zeros30", "zeros80"):
+        frac = 0.3 if name == "zeros30" else 0.8
+        x = u + np.float32(0.01)
+        x[: int(frac * n)] = 0
+        return rng.permutation(x)
+    if name == "nan":
+        x = u.copy()
+        x[rng.integers(0, n)] = np.nan
+        return x
+    if name == "inf":
+        x = u.copy()
+        x[rng.random(n) < 0.1] = np.inf
+        return x
+    if name == "sorted":
+        return np.sort(u)
+    if name == "sample_small_rest_large":  # every sampled tile holds small values, the rest is large
+        return u + np.float32(1000)  # the sampled positions are overwritten by the test
+    if name == "two_valued":
+        return np.where(u < 0.5, np.float32(0.5), np.float32(2.0)).astype(np.float32)
+    if name == "denormal":
+        return (u * np.float32(1e-39)).astype(np.float32)
+    raise ValueError(name)
+
+
+BRACKET_CASES = ("all_equal", "ties_at_lo", "run_straddling_k", "zeros30", "zeros80", "nan", "inf", "sorted",
+                 "sample_small_rest_large", "two_valued", "denormal")
+
+
+def _sample_positions(n: int, tile: int, tiles: int) -> np.ndarray:
+    starts = (np.arange(tiles, dtype=np.int64) * n // tiles) // tile * tile
+    return (starts[:, None] + np.arange(tile)).reshape(-1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", BRACKET_CASES)
+def test_bracket_exact_on_cases_built_to_defeat_it(device, case, small_bracket):
+    rng = np.random.default_rng(BRACKET_CASES.index(case))
+    sizes = [5003, 40, 2048]
+    nat = [_bracket_case(case, n, rng) for n in sizes]
+    if case == "sample_small_rest_large":
+        for x in (nat[0], nat[2]):
+            x[_sample_positions(x.size, 16, 16)] = rng.random(256, dtype=np.float32)
+    nat_t = [torch.from_numpy(x).to(device) for x in nat]
+    adv = [torch.randn(n).to(device) for n in sizes]
+    for p in (0.3, 0.0, 0.999, 1.0, 0.5):
+        updates = [torch.randn(n).to(device) for n in sizes]
+        assert_matches_reference("triton", updates, nat_t, adv, alpha=1.0, p=p)
+        bracketed, misses = small_bracket.last_bracket_misses()
+        assert bracketed == 2
+        if case == "sample_small_rest_large" and 0 < p < 1:
+            assert misses == 2  # the counts show the ranks lie above hi: the radix path resolved them
+        if case in ("zeros80", "nan", "two_valued") and 0 < p < 1:
+            assert misses == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bracket_candidate_overflow_falls_back(device, small_bracket, monkeypatch):
+    monkeypatch.setattr(small_bracket, "CAND_FRACTION", 1000)  # room for 5 candidates in 5003 elements
+    updates, nat, adv = _inputs("random", [5003, 2048], torch.float32, 3, device)
+    assert_matches_reference("triton", updates, nat, adv, alpha=0.1, p=0.3)
+    assert small_bracket.last_bracket_misses() == (2, 2)
+    monkeypatch.setattr(small_bracket, "CAND_FRACTION", 2)
+    updates, nat, adv = _inputs("random", [5003, 2048], torch.float32, 3, device)
+    assert_matches_reference("triton", updates, nat, adv, alpha=0.1, p=0.3)
+    assert small_bracket.last_bracket_misses() == (2, 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bracket_starts_at_the_cutoff(device, small_bracket):
+    sizes = [2047, 2048, 2049]
+    (group,) = small_bracket._plan([torch.empty(n) for n in sizes], 0.3)
+    assert group.bracketed == 2 and group.tensors[:, 7].tolist() == [0, 1, 1]
+    for kind in ("random", "ties", "zeros"):
+        updates, nat, adv = _inputs(kind, sizes, torch.float32, 4, device)
+        assert_matches_reference("triton", updates, nat, adv, alpha=0.3, p=0.7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_bracket_on_the_pathological_battery(device, kind, small_bracket):
+    dtype = DTYPES[KINDS.index(kind) % len(DTYPES)]
+    updates, nat, adv = _inputs(kind, [3000, 17, 2 * BLOCK + 3], dtype, KINDS.index(kind), device)
+    for p, alpha in ((0.3, 0.1), (0.999, 0.7)):
+        assert_matches_reference("triton", [u.clone() for u in updates], nat, adv, alpha=alpha, p=p)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bracket_at_the_default_sizes_hits_on_random_gradients(device):
+    n = triton_rgp_mask.BRACKET_MIN + 3
+    updates, nat, adv = _inputs("random", [n, 100], torch.float32, 5, device)
+    assert_matches_reference("triton", updates, nat, adv, alpha=0.1, p=0.3)
+    assert triton_rgp_mask.last_bracket_misses() == (1, 0)
+
+
+def test_bracket_ranks_widen_by_five_sigma_and_clamp():
+    m = 16384
+    r_lo, r_hi = triton_rgp_mask.bracket_ranks(10**6, 299_999, 300_000, m)
+    sigma = math.sqrt(m * 0.3 * 0.7)
+    assert r_lo == math.floor(m * 0.299999 - 5 * sigma) - 1 and r_hi == math.ceil(m * 0.300001 + 5 * sigma) + 1
+    assert triton_rgp_mask.bracket_ranks(10**6, 0, 1, m)[0] == -1  # open below: lo = 0
+    assert triton_rgp_mask.bracket_ranks(10**6, 999_999, 999_999, m)[1] == m  # open above: hi = +inf
+
+
+# --- the radix path's digit widths ----------------------------------------------------------------------
+def test_digit_widths_follow_the_triton_version():
+    assert triton_rgp_mask._radix_digits("3.6.0") == (8, 8, 8, 7)
+    assert triton_rgp_mask._radix_digits("3.5.1") == (8, 8, 8, 7)
+    assert triton_rgp_mask._radix_digits("3.7.0") == (11, 10, 10)
+    assert triton_rgp_mask._radix_digits("3.8.0+git1234") == (11, 10, 10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("digits", [(8, 8, 8, 7), (11, 10, 10)], ids=str)
+@pytest.mark.parametrize("kind", ["ties", "wide", "denormal", "nan", "inf", "zeros"])
+def test_radix_path_exact_with_either_digit_widths(device, digits, kind, monkeypatch):
+    monkeypatch.setattr(triton_rgp_mask, "RADIX_DIGITS", digits)
+    rng = random.Random(kind)
+    updates, nat, adv = _inputs(kind, SIZES, torch.float32, rng.randrange(2**31), device)
+    for p in (0.3, 1.0, rng.random()):
+        assert_matches_reference("triton", [u.clone() for u in updates], nat, adv, alpha=0.1, p=p)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_order_statistics_at_every_level_of_the_256_bin_digits(device, monkeypatch):
+    monkeypatch.setattr(triton_rgp_mask, "RADIX_DIGITS", (8, 8, 8, 7))
+    test_order_statistics_resolved_at_every_digit_level(device)
+    test_exact_on_keys_sharing_long_prefixes(device, 0)
 
 
 # --- layouts: zero copy, packed, non-contiguous ------------------------------------------------------
