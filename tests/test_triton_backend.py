@@ -530,45 +530,78 @@ def test_torch_compile_fullgraph_matches_eager(device):
 
 # --- the compiled (non-interpreted) kernels ---------------------------------------------------------
 _COMPILE_SCRIPT = r"""
-import json, re, sys
+import json, re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from cure_kernels import triton_rgp_mask as m, triton_revise as r
 
-def sig(names, types):
-    return dict(zip(names, types))
+I64, I32 = "*i64", "*i32"
+jobs = []  # (name, kernel, signature, constexprs)
 
-STREAM = ("nat_ptr", "adv_ptr", "upd_ptr", "chunk_ptr", "tensor_ptr", "thr_ptr", "kept_ptr", "alpha", "beta",
-          "num_chunks", "BLOCK", "ALIGNED")
-SELECT = ("tensor_ptr", "frac_ptr", "ws_ptr", "thr_ptr", "nonfinite_ptr", "num_tensors", "state_base",
-          "LEVEL", "TILE", "NUM_BINS", "ROW_BINS")
-REVISE = ("rev_ptr", "par_ptr", "numel", "decay", "keep", "BLOCK")
-jobs = []
+
+def job(name, fn, sig, consts):
+    jobs.append((name, fn, sig, consts))
+
+
 for dt in ("fp32", "bf16", "fp16"):
     P = "*" + dt
-    stream_types = (P, P, P, "*i64", "*i64", "*fp32", "*i64", "fp32", "fp32", "i32", "constexpr", "constexpr")
-    jobs.append((m._mask_kernel, sig(STREAM, stream_types), {"BLOCK": m.BLOCK, "ALIGNED": True}))
-    revise_types = (P, P, "i64", "fp32", "fp32", "constexpr")
-    jobs.append((r._revise_kernel, sig(REVISE, revise_types), {"BLOCK": r.BLOCK}))
-SELECT_TYPES = ("*i64", "*fp32", "*i32", "*fp32", "*i64", "i32", "i32") + ("constexpr",) * 4
-jobs.append((m._select_kernel, sig(SELECT, SELECT_TYPES),
-             {"LEVEL": 3, "TILE": m.SELECT_TILE, "NUM_BINS": m.BINS, "ROW_BINS": m.SUB_BINS}))
+    job(f"mask:{dt}", m._mask_kernel, dict(nat_ptr=P, adv_ptr=P, upd_ptr=P, chunk_ptr=I64, tensor_ptr=I64,
+        thr_ptr="*fp32", kept_ptr=I64, alpha="fp32", beta="fp32", num_chunks="i32", BLOCK="constexpr"),
+        {"BLOCK": m.BLOCK})
+    job(f"revise:{dt}", r._revise_kernel, dict(rev_ptr=P, par_ptr=P, numel="i64", decay="fp32", keep="fp32",
+        BLOCK="constexpr"), {"BLOCK": r.BLOCK})
+P = "*fp32"
+job("sample", m._sample_kernel, dict(nat_ptr=P, adv_ptr=P, tensor_ptr=I64, state_ptr=I32, alpha="fp32",
+    beta="fp32", TILE="constexpr", TILES="constexpr"), {"TILE": m.SAMPLE_TILE, "TILES": m.SAMPLE_TILES})
+job("bracket", m._bracket_kernel, dict(nat_ptr=P, adv_ptr=P, chunk_ptr=I64, tensor_ptr=I64, state_ptr=I32,
+    cand_ptr=I32, alpha="fp32", beta="fp32", num_chunks="i32", BLOCK="constexpr"), {"BLOCK": m.BLOCK})
+job("resolve", m._resolve_kernel, dict(tensor_ptr=I64, frac_ptr="*fp32", state_ptr=I32, cand_ptr=I32,
+    thr_ptr="*fp32", nonfinite_ptr=I64, BLOCK="constexpr"), {"BLOCK": m.BLOCK})
+for digits in ((8, 8, 8, 7), (11, 10, 10)):
+    levels = m._radix_levels(digits)
+    row = max(1 << levels[0][1], 2 * max(1 << w for _, w in levels[1:]))
+    d = digits[0]
+    job(f"histogram{d}", m._histogram_kernel, dict(nat_ptr=P, adv_ptr=P, chunk_ptr=I64, tensor_ptr=I64,
+        ws_ptr=I32, state_ptr=I32, alpha="fp32", beta="fp32", num_chunks="i32", BLOCK="constexpr", ROW="constexpr",
+        SHIFT="constexpr", NB="constexpr"),
+        {"BLOCK": m.BLOCK, "ROW": row, "SHIFT": levels[0][0], "NB": 1 << levels[0][1]})
+    job(f"refine{d}", m._refine_kernel, dict(nat_ptr=P, adv_ptr=P, chunk_ptr=I64, tensor_ptr=I64, ws_ptr=I32,
+        state_ptr=I32, cand_ptr=I32, alpha="fp32", beta="fp32", num_chunks="i32", num_tensors="i32",
+        BLOCK="constexpr", ROW="constexpr", PREV_SHIFT="constexpr", SHIFT="constexpr", NB="constexpr"),
+        {"BLOCK": m.BLOCK, "ROW": row, "PREV_SHIFT": levels[0][0], "SHIFT": levels[1][0], "NB": 1 << levels[1][1]})
+    job(f"candidate{d}", m._candidate_kernel, dict(cand_ptr=I32, chunk_ptr=I64, tensor_ptr=I64, ws_ptr=I32,
+        state_ptr=I32, num_chunks="i32", num_tensors="i32", LEVEL="constexpr", BLOCK="constexpr", ROW="constexpr",
+        PREV_SHIFT="constexpr", SHIFT="constexpr", NB="constexpr"),
+        {"LEVEL": 3, "BLOCK": m.BLOCK, "ROW": row, "PREV_SHIFT": levels[1][0], "SHIFT": levels[2][0],
+         "NB": 1 << levels[2][1]})
+    last = len(levels)
+    job(f"select{d}", m._select_kernel, dict(tensor_ptr=I64, frac_ptr="*fp32", ws_ptr=I32, state_ptr=I32,
+        thr_ptr="*fp32", nonfinite_ptr=I64, num_tensors="i32", LEVEL="constexpr", TILE="constexpr",
+        ROW="constexpr", NB="constexpr", WIDTH="constexpr", LAST="constexpr"),
+        {"LEVEL": last, "TILE": m.SELECT_TILE, "ROW": row, "NB": 1 << levels[-1][1], "WIDTH": levels[-1][1],
+         "LAST": True})
 target = GPUTarget("cuda", 90, 32)
-fmas = {}
+out = {}
 for fusion in (False, True):
-    for fn, signature, constexprs in jobs:
-        kernel = triton.compile(ASTSource(fn, signature, constexprs), target=target,
+    for name, fn, signature, constexprs in jobs:
+        if fusion and not name.startswith("mask:fp32"):
+            continue
+        # Pointer arguments 16-byte aligned, as Triton specialises them at launch.
+        attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")}
+        kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
                                 options={"num_warps": 8, "enable_fp_fusion": fusion})
-        key = f"{fn.__name__}:{signature[next(iter(signature))]}:{fusion}"
-        fmas[key] = len(re.findall(r"\bfma\.", kernel.asm["ptx"]))
-print(json.dumps(fmas))
+        ptx = kernel.asm["ptx"]
+        out[f"{name}:{fusion}"] = {"fma": len(re.findall(r"\bfma\.", ptx)),
+                                   "v4": len(re.findall(r"\bld\.global(?:\.\w+)*\.v[24]\.", ptx))}
+print(json.dumps(out))
 """
 
 
-def test_kernels_compile_for_cuda_without_fused_multiply_add(tmp_path):
-    """Compile the kernels that do float arithmetic for sm_90 (no GPU needed) outside the interpreter,
-    and check the PTX: no fma with enable_fp_fusion=False (as launched), some with fusion enabled."""
+def test_kernels_compile_for_cuda_without_fma_and_full_chunks_vectorise(tmp_path):
+    """Compile every kernel (both radix digit widths) for sm_90 outside the interpreter (no GPU needed)
+    and check the PTX: no fma as launched (enable_fp_fusion=False), some with fusion enabled (so the
+    check can see contraction); vector loads in the streaming passes (their full-chunk path)."""
     import json
     import os
     import subprocess
@@ -578,14 +611,16 @@ def test_kernels_compile_for_cuda_without_fused_multiply_add(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=900)
     if proc.returncode != 0 and ("ptxas" in proc.stderr or "GPUTarget" in proc.stderr):
         pytest.skip(f"Triton cannot compile for CUDA here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr
-    fmas = json.loads(proc.stdout.strip().splitlines()[-1])
-    launched = {k: v for k, v in fmas.items() if k.endswith(":False")}
-    assert launched and all(v == 0 for v in launched.values()), launched
-    assert fmas["_mask_kernel:*fp32:True"] > 0  # the check would see contraction if it happened
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    launched = {k: v["fma"] for k, v in out.items() if k.endswith(":False")}
+    assert len(launched) >= 14 and all(v == 0 for v in launched.values()), launched
+    assert out["mask:fp32:True"]["fma"] > 0  # the check would see contraction if it happened
+    for name in ("mask:fp32", "mask:bf16", "mask:fp16", "bracket", "histogram8", "histogram11", "refine8"):
+        assert out[f"{name}:False"]["v4"] > 0, (name, out[f"{name}:False"])
 
 
 # --- CUDA only -----------------------------------------------------------------------------------
