@@ -3,25 +3,28 @@
 Per tensor (all arithmetic in float32, each product and sum rounded separately, no fused multiply-add;
 see :func:`cure_kernels.sgd_step.rgp_sgd_step_` for the full statement)::
 
-    s    = f32(alpha)*|g_nat| + f32(1 - alpha)*|g_adv|,   thr = numpy.quantile(s, p)   (SPEC section 2)
+    s    = f32(alpha)*|g_nat| + f32(1 - alpha)*|g_adv|,   thr = numpy.quantile(s, p)   (docs/method.md)
     drop = s < thr                          g[drop] = 0                      (stored in place)
     d    = g + f32(wd)*param                buf' = f32(momentum)*buf + d     (stored in buf's dtype)
     param' = param - f32(lr)*buf'           (buf' as stored; param' stored in param's dtype)
     mask_mode "update": where drop, param and buf are left as they were
+    skip given and (skip != 0 or any score of the call not finite): param' = param, buf' = buf
     rev' = f32(decay)*rev + f32(1 - decay)*param'      (only when a revision list is given)
 
-The threshold comes from the radix-select launches of :mod:`cure_kernels.triton_rgp_mask` (launches
-1-6 there: two passes over g_nat/g_adv plus a pass over the few candidates). The last pass over the
-data is fused here: ``_sgd_step_kernel`` recomputes s, and in one read of g, param, buf (and rev)
-writes the zeros of the mask into g, the new param and buf (and rev). In float32 that pass moves
-8 (scores) + 12 (g, param, buf read) + 8 (param, buf written) = 28 B/element, 36 B with revision,
-plus 4 B per masked entry of g; with the 16 B of the two selection passes the whole step is
-44 B/element (52 with revision). The unfused sequence (mask pass, then a fused SGD kernel, then the
-EMA) moves 24 + 20 (+ 12) B: the same 44 without revision, since either way the scores are read
-again after the threshold is known, and 56 with it. What fusion saves is the EMA's second read of
-param, a launch or two per group, and in mask_mode "update" the per-element keep masks and the copies
-of param and buf that freezing needs outside the kernel. Seven launches per dtype group and no host
-synchronisation.
+The thresholds of every dtype group come first from :func:`cure_kernels.triton_rgp_mask.select_thresholds`
+(sampling bracket: one read of g_nat/g_adv, 8 B/element on large tensors; radix path for small tensors
+and bracket misses). Only then, with ``skip``, is the skip flag formed on the device (skip != 0 or any
+non-finite count of the whole call: three tiny PyTorch launches, no host synchronisation), and the
+apply pass of each group runs: ``_sgd_step_kernel`` loads g, param, buf (and rev) and, when the
+threshold can mask anything (> 0), g_nat and g_adv, all before any store; then stores the masked g
+(whole, when the threshold is > 0: full sectors instead of partial ones), param and buf (not where
+frozen, nowhere when skipped) and rev. In float32 that pass moves 8 (scores) + 12 (g, param, buf read)
++ 12 (g, param, buf written) = 32 B/element, 40 B with revision; with a bracket hit the whole step is
+40 B/element (48 with revision) against the 40 (48) of reading and writing what the update needs.
+A threshold of 0 or NaN (e.g. at least a fraction p of exact zeros) skips the score reads and the g
+store: 20 (28) B/element in that pass. Launches per dtype group: the zeroing memset, 3 for the
+bracket (sample, pass, resolve), 5 (11/10/10-bit digits) or 7 (8-bit digits) for the radix path
+whose programs exit at once for tensors that hit, and the apply pass.
 """
 
 from __future__ import annotations
