@@ -29,20 +29,25 @@ whose programs exit at once for tensors that hit, and the apply pass.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from cure_kernels import backends
 from cure_kernels.triton_revise import round_from_float32
 from cure_kernels.triton_rgp_mask import (
     _STREAM_OPTIONS,
     _T_OUT,
+    _T_START,
     BLOCK,
     _Group,
     _last_states,
     chunk_bounds,
+    flat_view,
     flatten_tensors,
     plan_groups,
     scatter_back,
@@ -61,6 +66,19 @@ def _upcast(x):
     else:
         y = x.to(tl.float32)
     return y
+
+
+@triton.jit
+def _list_ptr(ptr, addr_ptr, row, tstart, INDIRECT: tl.constexpr):
+    """A pointer p with p + (flat offset) addressing that element of the tensor of table row ``row``:
+    ``ptr`` itself for a flat buffer; with INDIRECT the tensor's own storage from the address table,
+    shifted back by the tensor's flat start."""
+    if INDIRECT:
+        base = tl.load(addr_ptr + row).to(tl.pointer_type(ptr.dtype.element_ty))
+        p = base + (-tstart)
+    else:
+        p = ptr
+    return p
 
 
 @triton.jit
@@ -124,13 +142,22 @@ def _sgd_step_body(nat_ptr, adv_ptr, grad_ptr, param_ptr, buf_ptr, rev_ptr, offs
 
 @triton.jit
 def _sgd_step_kernel(nat_ptr, adv_ptr, grad_ptr, param_ptr, buf_ptr, rev_ptr, chunk_ptr, tensor_ptr, thr_ptr,
-                     kept_ptr, skip_ptr, alpha, beta, lr, momentum, weight_decay, decay, keep, num_chunks,
-                     BLOCK: tl.constexpr, FREEZE: tl.constexpr, REVISE: tl.constexpr, SKIP: tl.constexpr):
+                     kept_ptr, skip_ptr, addr_ptr, alpha, beta, lr, momentum, weight_decay, decay, keep, num_chunks,
+                     num_tensors, BLOCK: tl.constexpr, FREEZE: tl.constexpr, REVISE: tl.constexpr,
+                     SKIP: tl.constexpr, INDIRECT: tl.constexpr = 0):
     # tl[0] g_nat, tl[1] g_adv (read); tl[2] grads (masked); tl[3] params, tl[4] momentum buffers (read,
     # written; in FREEZE mode only where s >= thr; not at all when SKIP and the skip flag is set); tl[5]
     # revision (read, written; only when REVISE, otherwise an unused placeholder). All flat, one dtype;
-    # chunks as in triton_rgp_mask. skip_ptr: int32 flag (SKIP only).
+    # chunks as in triton_rgp_mask. skip_ptr: int32 flag (SKIP only). INDIRECT: bit l set when written list l
+    # (grads, params, buffers, revision) is addressed through row l of the address table addr_ptr
+    # (int64 [4, num_tensors]: each tensor's data pointer) instead of one flat buffer.
     t, trow, offs, m, full = chunk_bounds(chunk_ptr, tensor_ptr, num_chunks, BLOCK)
+    if INDIRECT != 0:
+        tstart = tl.load(trow + _T_START)
+        grad_ptr = _list_ptr(grad_ptr, addr_ptr, 0 * num_tensors + t, tstart, (INDIRECT & 1) != 0)
+        param_ptr = _list_ptr(param_ptr, addr_ptr, 1 * num_tensors + t, tstart, (INDIRECT & 2) != 0)
+        buf_ptr = _list_ptr(buf_ptr, addr_ptr, 2 * num_tensors + t, tstart, (INDIRECT & 4) != 0)
+        rev_ptr = _list_ptr(rev_ptr, addr_ptr, 3 * num_tensors + t, tstart, (INDIRECT & 8) != 0)
     out = tl.load(trow + _T_OUT)
     thr = tl.load(thr_ptr + out)
     skipped = 0
@@ -146,6 +173,46 @@ def _sgd_step_kernel(nat_ptr, adv_ptr, grad_ptr, param_ptr, buf_ptr, rev_ptr, ch
     tl.atomic_add(kept_ptr + out, kept.to(tl.int64), sem="relaxed")
 
 
+# On CUDA (compiled kernels), written lists that are contiguous but not one flat buffer (separate parameter
+# tensors) are addressed through a table of their data pointers instead of being packed with torch.cat
+# and copied back (16 B/element per list saved). Triton's interpreter cannot load through such pointers:
+# there the lists are packed.
+POINTER_TABLES = True
+_ADDR_CACHE_SIZE = 16
+_addr_tables: OrderedDict[tuple, Tensor] = OrderedDict()
+
+
+def written_layout(tensors: list[Tensor], tables: bool) -> str:
+    """How a written list is passed: "flat" (one buffer, zero copy), "table" (data pointers; ``tables``
+    allows it) or "packed" (torch.cat, then copied back)."""
+    if flat_view(tensors) is not None:
+        return "flat"
+    if tables and all(t.is_contiguous() for t in tensors):
+        return "table"
+    return "packed"
+
+
+def address_table(rows: list[list[Tensor] | None], num_tensors: int, device: torch.device) -> Tensor:
+    """int64 [len(rows) * num_tensors]: the data pointers of each list given (zeros for None), on
+    ``device``; cached per set of addresses (uploaded without host synchronisation after the first)."""
+    key = (device, tuple(tuple(t.data_ptr() for t in ts) if ts is not None else None for ts in rows))
+    table = _addr_tables.get(key)
+    if table is not None:
+        _addr_tables.move_to_end(key)
+        return table
+    host = torch.zeros(len(rows) * num_tensors, dtype=torch.int64)
+    for r, ts in enumerate(rows):
+        if ts is not None:
+            host[r * num_tensors:(r + 1) * num_tensors] = torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    table = host.to(device, non_blocking=True)
+    _addr_tables[key] = table
+    if len(_addr_tables) > _ADDR_CACHE_SIZE:
+        _addr_tables.popitem(last=False)
+    return table
+
+
 def _step_group(group: _Group, lists: list[list[Tensor]], nat: Tensor, adv: Tensor, revise: bool,
                 scalars: tuple[float, ...], freeze: bool, thresholds: Tensor, kept: Tensor,
                 skip_flag: Tensor | None) -> None:
@@ -153,13 +220,26 @@ def _step_group(group: _Group, lists: list[list[Tensor]], nat: Tensor, adv: Tens
     alpha, beta, lr, momentum, weight_decay, decay, keep = scalars
     nc = group.num_chunks
     written = [grads, params, bufs] + ([revs] if revise else [])
-    flats = [flatten_tensors(tensors) for tensors in written]
+    tables = POINTER_TABLES and grads[0].device.type == "cuda" and not backends.PROBE.triton_interpret
+    layouts = [written_layout(tensors, tables) for tensors in written]
+    flats, rows, indirect = [], [], 0
+    for i, (tensors, layout) in enumerate(zip(written, layouts)):
+        if layout == "table":
+            flats.append((next(t for t in tensors if t.numel()), False))  # dtype carrier, never dereferenced
+            rows.append(tensors)
+            indirect |= 1 << i
+        else:
+            flats.append(flatten_tensors(tensors))
+            rows.append(None)
     grad, param, buf = (f for f, _ in flats[:3])
     rev = flats[3][0] if revise else param  # placeholder pointer, never read when REVISE is off
     flag = skip_flag if skip_flag is not None else thresholds  # placeholder pointer, never read without SKIP
+    num_tensors = len(group.members)
+    addr = address_table(rows + [None] * (4 - len(rows)), num_tensors, grads[0].device) if indirect else group.chunks
     _sgd_step_kernel[(nc,)](nat, adv, grad, param, buf, rev, group.chunks, group.tensors, thresholds, kept, flag,
-                            alpha, beta, lr, momentum, weight_decay, decay, keep, nc, BLOCK=BLOCK,
-                            FREEZE=freeze, REVISE=revise, SKIP=skip_flag is not None, **_STREAM_OPTIONS)
+                            addr, alpha, beta, lr, momentum, weight_decay, decay, keep, nc, num_tensors, BLOCK=BLOCK,
+                            FREEZE=freeze, REVISE=revise, SKIP=skip_flag is not None, INDIRECT=indirect,
+                            **_STREAM_OPTIONS)
     for (flat, packed), tensors in zip(flats, written):
         if packed:
             scatter_back(flat, tensors)

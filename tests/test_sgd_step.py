@@ -269,6 +269,25 @@ def test_triton_step_through_the_sampling_bracket(device, kind, monkeypatch):
     assert triton_rgp_mask.last_bracket_misses()[0] == 2
 
 
+def test_triton_written_lists_layouts_and_address_tables():
+    """Which written lists the fused step addresses through pointer tables (CUDA) and the table itself;
+    the kernel's table path runs on CUDA only (tests above, on a GPU)."""
+    from cure_kernels import triton_sgd_step
+
+    buf = torch.zeros(30)
+    flat = [buf[0:10], buf[10:30]]
+    separate = [torch.zeros(10), torch.zeros(4, 5)]
+    strided = [torch.zeros(10), torch.zeros(5, 4).t()]
+    assert triton_sgd_step.written_layout(flat, tables=True) == "flat"
+    assert triton_sgd_step.written_layout(separate, tables=True) == "table"
+    assert triton_sgd_step.written_layout(separate, tables=False) == "packed"
+    assert triton_sgd_step.written_layout(strided, tables=True) == "packed"
+    table = triton_sgd_step.address_table([separate, None, flat, None], 2, torch.device("cpu"))
+    assert table.tolist() == [separate[0].data_ptr(), separate[1].data_ptr(), 0, 0,
+                              flat[0].data_ptr(), flat[1].data_ptr(), 0, 0]
+    assert triton_sgd_step.address_table([separate, None, flat, None], 2, torch.device("cpu")) is table  # cached
+
+
 # --- arguments, backends, torch.library ----------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, exc, words", [
     ({"mask_mode": "weights"}, ValueError, "mask_mode"),
@@ -364,21 +383,23 @@ from triton.compiler import ASTSource
 from cure_kernels import triton_sgd_step as s
 
 NAMES = ("nat_ptr", "adv_ptr", "grad_ptr", "param_ptr", "buf_ptr", "rev_ptr", "chunk_ptr", "tensor_ptr",
-         "thr_ptr", "kept_ptr", "skip_ptr", "alpha", "beta", "lr", "momentum", "weight_decay", "decay", "keep",
-         "num_chunks", "BLOCK", "FREEZE", "REVISE", "SKIP")
+         "thr_ptr", "kept_ptr", "skip_ptr", "addr_ptr", "alpha", "beta", "lr", "momentum", "weight_decay", "decay",
+         "keep", "num_chunks", "num_tensors", "BLOCK", "FREEZE", "REVISE", "SKIP", "INDIRECT")
 out = {}
 for dt in ("fp32", "bf16"):
     P = "*" + dt
-    types = (P,) * 6 + ("*i64", "*i64", "*fp32", "*i64", "*i32") + ("fp32",) * 7 + ("i32",) + ("constexpr",) * 4
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(11)}  # pointers aligned, as specialised at launch
-    for fusion in (False, True):
+    types = ((P,) * 6 + ("*i64", "*i64", "*fp32", "*i64", "*i32", "*i64") + ("fp32",) * 7 + ("i32",) * 2
+             + ("constexpr",) * 5)
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(12)}  # pointers aligned, as specialised at launch
+    for fusion, indirect in ((False, 0), (True, 0), (False, 15), (False, 6)):
         src = ASTSource(s._sgd_step_kernel, dict(zip(NAMES, types)),
-                        {"BLOCK": s.BLOCK, "FREEZE": True, "REVISE": True, "SKIP": True}, attrs)
+                        {"BLOCK": s.BLOCK, "FREEZE": True, "REVISE": True, "SKIP": True, "INDIRECT": indirect}, attrs)
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                 options={"num_warps": 8, "enable_fp_fusion": fusion})
         ptx = kernel.asm["ptx"]
-        out[f"{dt}:{fusion}"] = len(re.findall(r"\bfma\.", ptx))
-        out[f"{dt}:{fusion}:v4"] = len(re.findall(r"\bld\.global(?:\.\w+)*\.v4\.", ptx))
+        key = f"{dt}:{fusion}" + (f":indirect{indirect}" if indirect else "")
+        out[key] = len(re.findall(r"\bfma\.", ptx))
+        out[key + ":v4"] = len(re.findall(r"\bld\.global(?:\.\w+)*\.v4\.", ptx))
 print(json.dumps(out))
 """
 
@@ -403,6 +424,8 @@ def test_fused_kernel_compiles_for_cuda_without_fused_multiply_add(tmp_path):
     assert fmas["fp32:False"] == 0 and fmas["bf16:False"] == 0, fmas
     assert fmas["fp32:True"] > 0, fmas
     assert fmas["fp32:False:v4"] > 0 and fmas["bf16:False:v4"] > 0, fmas  # full chunks load vectors
+    # The pointer-table variants (CUDA only: the interpreter cannot load through them) compile, without fma.
+    assert all(fmas[f"{dt}:False:indirect{i}"] == 0 for dt in ("fp32", "bf16") for i in (15, 6)), fmas
 
 
 # --- CUDA only -----------------------------------------------------------------------------------------
