@@ -46,6 +46,10 @@ reads g_nat, g_adv once more. With every large tensor hitting its bracket the ma
 + 8 (mask pass) B/element plus 4 B per masked entry: 16 B/element before the zeros are stored. A
 mask pass of a tensor whose threshold is 0 or NaN reads nothing (nothing can be below it).
 
+Launches per dtype group: one memset (histograms and per-tensor state), 3 for the bracket (only when
+the group has a tensor above the cutoff), 6 (11/10/10-bit digits) or 8 (8-bit digits) for the radix
+path, and the mask pass: 11 or 13, none of them synchronising with the host.
+
 Streaming passes map program i to one BLOCK-aligned block of the flat buffer intersected with one
 tensor (a chunk): chunks strictly inside a tensor are full and take an unmasked path whose offsets
 are multiples of BLOCK, so their loads vectorise whatever the other tensors' sizes; only a tensor's
