@@ -13,6 +13,9 @@ Subcommands (each writes one CSV under --out, named with the GPU):
   train   one training step of CURE and of TRADES on ResNet-18, CIFAR-shaped synthetic batches
           (bench/bench_step.py's round-robin timing), and their ratio.
 
+Gradients (g_nat, g_adv, the update) are views of flat buffers, as cure_kernels.ProminenceMasker keeps
+them; params, momentum buffers and revision are separate tensors, as a model's are.
+
 GPU times: CUDA events around the kernels only, L2 flushed (256 MB written) before every repetition,
 after warm-up (bench/gpu_timing.py); host time reported separately. GB/s counts 16 B/param for the mask
 (read g_nat, g_adv and the update, write it) and 40 B/param for the fused step with revision (read
@@ -59,8 +62,16 @@ def _shapes(model: str, dry: bool) -> list[tuple[int, ...]]:
     return DRY_SHAPES[model] if dry else bench_mask.param_shapes(model)
 
 
+def _flat_views(values: list[torch.Tensor], device) -> list[torch.Tensor]:
+    """``values`` copied into one flat buffer on ``device``, returned as views of it in order: the layout
+    of cure_kernels.ProminenceMasker's gradient buffers, which the kernels read with zero copies."""
+    flat = torch.cat([v.reshape(-1) for v in values]).to(device)
+    return [piece.view(v.shape) for piece, v in zip(flat.split([v.numel() for v in values]), values)]
+
+
 def _gradients(shapes, device, zeros: float, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """g_nat, g_adv: normal, with a fraction ``zeros`` of the entries exactly 0 in both (dead units)."""
+    """g_nat, g_adv (views of two flat buffers): normal, with a fraction ``zeros`` of the entries exactly 0
+    in both (dead units)."""
     gen = torch.Generator().manual_seed(seed)
     nat, adv = [], []
     for s in shapes:
@@ -69,9 +80,9 @@ def _gradients(shapes, device, zeros: float, seed: int) -> tuple[list[torch.Tens
             dead = torch.rand(s, generator=gen) < zeros
             a[dead] = 0
             b[dead] = 0
-        nat.append(a.to(device))
-        adv.append(b.to(device))
-    return nat, adv
+        nat.append(a)
+        adv.append(b)
+    return _flat_views(nat, device), _flat_views(adv, device)
 
 
 def _our_backends(device: torch.device) -> list[str]:
@@ -129,7 +140,7 @@ def bench_mask_pass(device: torch.device, models: list[str], reps: int, dry: boo
             nat, adv = _gradients(shapes, device, zeros, seed=1)
             gen = torch.Generator().manual_seed(2)
             original = [torch.randn(s, generator=gen).to(device) for s in shapes]
-            updates = [o.clone() for o in original]
+            updates = _flat_views(original, device)  # the update gradients: the masker's third flat buffer
             expected = [o.clone() for o in original]
             reference.rgp_mask_reference(expected, nat, adv, ALPHA, P)
 
@@ -202,7 +213,8 @@ def bench_fused_step(device: torch.device, models: list[str], reps: int, dry: bo
             gen = torch.Generator().manual_seed(4)
             state0 = [[(torch.randn(s, generator=gen) * scale).to(device) for s in shapes]
                       for scale in (1.0, 1.0, 0.1, 1.0)]  # params, grads, momentum buffers, revision
-            work = [[t.clone() for t in ts] for ts in state0]
+            # Params, momentum buffers and revision: separate tensors, as a model's are; grads: one flat buffer.
+            work = [_flat_views(ts, device) if i == 1 else [t.clone() for t in ts] for i, ts in enumerate(state0)]
 
             def restore(work=work, state0=state0):
                 for dst, src in zip(work, state0):
