@@ -53,11 +53,11 @@ def _clone(lists):
     return [[t.clone() for t in ts] for ts in lists]
 
 
-def _run(backend, lists, *, mask_mode="grad", revise=True, decay=0.99, **overrides):
+def _run(backend, lists, *, mask_mode="grad", revise=True, decay=0.99, skip=None, **overrides):
     params, grads, nat, adv, bufs, rev = lists
     kw = {**HYPER, **overrides}
     return ck.rgp_sgd_step_(params, grads, nat, adv, bufs, mask_mode=mask_mode,
-                            revision=rev if revise else None, decay=decay, backend=backend, **kw)
+                            revision=rev if revise else None, decay=decay, skip=skip, backend=backend, **kw)
 
 
 def _assert_backend_matches_reference(backend, lists, **kw):
@@ -272,6 +272,67 @@ def test_cpu_flat_buffer_views_and_opcheck():
     lists = [list(f.split(sizes)) for f in flats]
     _assert_backend_matches_reference("cpu", lists, mask_mode="grad")
     torch.library.opcheck(torch.ops.cure.rgp_sgd_step, (*_opcheck_args("cpu"), None))
+# --- Triton: skip= and the sampling bracket --------------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("mask_mode", ["grad", "update"])
+@pytest.mark.parametrize("why", ["flag", "nan", "inf", "none", "zero_flag"])
+def test_triton_skip_matches_reference(device, mask_mode, why):
+    """skip= on the device: a nonzero flag, or any non-finite score anywhere in the call (here in the
+    float16 group), leaves every param and momentum buffer of every group untouched, still masks the
+    grads and still runs the revision EMA; bit for bit the reference."""
+    lists = _state([3, 300, BLOCK + 1], torch.float32, device, 40)
+    extra = _state([7, 50], torch.float16, device, 41)
+    lists = [ts + es for ts, es in zip(lists, extra)]
+    if why == "nan":
+        lists[2][4][3] = math.nan
+    if why == "inf":
+        lists[3][3][0] = math.inf
+    skip = torch.tensor(why == "flag", device=device)
+    if why == "zero_flag":
+        skip = torch.zeros(1, dtype=torch.float32, device=device)
+    before = _clone(lists)
+    _assert_backend_matches_reference("triton", lists, mask_mode=mask_mode, skip=skip)
+    skipped = why in ("flag", "nan", "inf")
+    assert _same_bits(lists[0], before[0]) == skipped and _same_bits(lists[4], before[4]) == skipped
+    assert not _same_bits(lists[1], before[1])  # masked either way
+    assert not _same_bits(lists[5], before[5])  # the revision EMA runs either way
+
+
+@needs_triton
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("kind", ["random", "zeros", "ties", "nan"])
+def test_triton_step_through_the_sampling_bracket(device, kind, monkeypatch):
+    """Tensors above the bracket's cutoff (lowered so the interpreter can run them): exact either way,
+    hit or fallback."""
+    from cure_kernels import triton_rgp_mask
+
+    monkeypatch.setattr(triton_rgp_mask, "BRACKET_MIN", 2048)
+    monkeypatch.setattr(triton_rgp_mask, "SAMPLE_TILE", 16)
+    monkeypatch.setattr(triton_rgp_mask, "SAMPLE_TILES", 16)
+    monkeypatch.setattr(triton_rgp_mask, "CAND_FRACTION", 2)
+    lists = _state([2048, 5, 2 * BLOCK + 3], torch.float32, device, 42, kind)
+    _assert_backend_matches_reference("triton", lists, mask_mode="update", skip=torch.tensor(0, device=device))
+    assert triton_rgp_mask.last_bracket_misses()[0] == 2
+
+
+def test_triton_written_lists_layouts_and_address_tables():
+    """Which written lists the fused step addresses through pointer tables (CUDA) and the table itself;
+    the kernel's table path runs on CUDA only (tests above, on a GPU)."""
+    from cure_kernels import triton_sgd_step
+
+    buf = torch.zeros(30)
+    flat = [buf[0:10], buf[10:30]]
+    separate = [torch.zeros(10), torch.zeros(4, 5)]
+    strided = [torch.zeros(10), torch.zeros(5, 4).t()]
+    assert triton_sgd_step.written_layout(flat, tables=True) == "flat"
+    assert triton_sgd_step.written_layout(separate, tables=True) == "table"
+    assert triton_sgd_step.written_layout(separate, tables=False) == "packed"
+    assert triton_sgd_step.written_layout(strided, tables=True) == "packed"
+    table = triton_sgd_step.address_table([separate, None, flat, None], 2, torch.device("cpu"))
+    assert table.tolist() == [separate[0].data_ptr(), separate[1].data_ptr(), 0, 0,
+                              flat[0].data_ptr(), flat[1].data_ptr(), 0, 0]
+    assert triton_sgd_step.address_table([separate, None, flat, None], 2, torch.device("cpu")) is table  # cached
 
 
 # --- arguments, backends, torch.library ----------------------------------------------------------------
@@ -321,7 +382,7 @@ def test_empty_list_returns_empty_stats():
 
 def _opcheck_args(device):
     lists = _state([5, 12], torch.float32, device, 23)
-    return (*lists, 0.1, 0.9, 5e-4, 0.1, 0.3, "update", 0.99)
+    return (*lists, 0.1, 0.9, 5e-4, 0.1, 0.3, "update", 0.99, None)
 
 
 def test_opcheck_reference():
@@ -335,6 +396,9 @@ def test_opcheck_reference():
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_opcheck_triton(device):
     torch.library.opcheck(torch.ops.cure.rgp_sgd_step_triton, _opcheck_args(device))
+    args = list(_opcheck_args(device))
+    args[-1] = torch.tensor(0.0, device=device)  # skip flag
+    torch.library.opcheck(torch.ops.cure.rgp_sgd_step_triton, tuple(args))
 
 
 @pytest.mark.parametrize("backend", ["reference"] + (["triton"] if TRITON_DEVICES else []))
@@ -365,18 +429,23 @@ from triton.compiler import ASTSource
 from cure_kernels import triton_sgd_step as s
 
 NAMES = ("nat_ptr", "adv_ptr", "grad_ptr", "param_ptr", "buf_ptr", "rev_ptr", "chunk_ptr", "tensor_ptr",
-         "thr_ptr", "kept_ptr", "alpha", "beta", "lr", "momentum", "weight_decay", "decay", "keep",
-         "num_chunks", "BLOCK", "ALIGNED", "FREEZE", "REVISE")
+         "thr_ptr", "kept_ptr", "skip_ptr", "addr_ptr", "alpha", "beta", "lr", "momentum", "weight_decay", "decay",
+         "keep", "num_chunks", "num_tensors", "BLOCK", "FREEZE", "REVISE", "SKIP", "INDIRECT")
 out = {}
 for dt in ("fp32", "bf16"):
     P = "*" + dt
-    types = (P,) * 6 + ("*i64", "*i64", "*fp32", "*i64") + ("fp32",) * 7 + ("i32",) + ("constexpr",) * 4
-    for fusion in (False, True):
+    types = ((P,) * 6 + ("*i64", "*i64", "*fp32", "*i64", "*i32", "*i64") + ("fp32",) * 7 + ("i32",) * 2
+             + ("constexpr",) * 5)
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(12)}  # pointers aligned, as specialised at launch
+    for fusion, indirect in ((False, 0), (True, 0), (False, 15), (False, 6)):
         src = ASTSource(s._sgd_step_kernel, dict(zip(NAMES, types)),
-                        {"BLOCK": s.BLOCK, "ALIGNED": True, "FREEZE": True, "REVISE": True})
+                        {"BLOCK": s.BLOCK, "FREEZE": True, "REVISE": True, "SKIP": True, "INDIRECT": indirect}, attrs)
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                 options={"num_warps": 8, "enable_fp_fusion": fusion})
-        out[f"{dt}:{fusion}"] = len(re.findall(r"\bfma\.", kernel.asm["ptx"]))
+        ptx = kernel.asm["ptx"]
+        key = f"{dt}:{fusion}" + (f":indirect{indirect}" if indirect else "")
+        out[key] = len(re.findall(r"\bfma\.", ptx))
+        out[key + ":v4"] = len(re.findall(r"\bld\.global(?:\.\w+)*\.v4\.", ptx))
 print(json.dumps(out))
 """
 
@@ -400,6 +469,9 @@ def test_fused_kernel_compiles_for_cuda_without_fused_multiply_add(tmp_path):
     fmas = json.loads(proc.stdout.strip().splitlines()[-1])
     assert fmas["fp32:False"] == 0 and fmas["bf16:False"] == 0, fmas
     assert fmas["fp32:True"] > 0, fmas
+    assert fmas["fp32:False:v4"] > 0 and fmas["bf16:False:v4"] > 0, fmas  # full chunks load vectors
+    # The pointer-table variants (CUDA only: the interpreter cannot load through them) compile, without fma.
+    assert all(fmas[f"{dt}:False:indirect{i}"] == 0 for dt in ("fp32", "bf16") for i in (15, 6)), fmas
 
 
 # --- CUDA only -----------------------------------------------------------------------------------------

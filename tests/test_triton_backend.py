@@ -149,15 +149,25 @@ def test_exact_on_keys_sharing_long_prefixes(device, seed):
     assert_matches_reference("triton", updates, nat, adv, alpha=float(rng.random()), p=0.3)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_group_of_sizes_divisible_by_eight_takes_the_vectorised_path(device, dtype):
-    sizes = [8, 64, BLOCK, 2 * BLOCK + 8]
-    updates, nat, adv = _inputs("zeros", sizes, dtype, 12, device)
-    (group,) = triton_rgp_mask._plan(updates, 0.3)
-    assert group.aligned
+def test_chunks_are_block_aligned_so_only_a_tensors_ends_are_masked():
+    """A 10-element tensor first shifts every later tensor off alignment; chunks are still BLOCK-aligned
+    pieces of the flat buffer, so all chunks strictly inside a tensor are full (the unmasked path)."""
+    sizes = [10, 3 * BLOCK + 5, 0, 7, BLOCK]
+    (group,) = triton_rgp_mask._plan([torch.empty(n) for n in sizes], 0.3)
+    chunks = group.chunks.cpu().view(2, -1)
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    pieces = []
+    for t, block in chunks.t().tolist():
+        lo, hi = max(starts[t], block * BLOCK), min(starts[t] + sizes[t], (block + 1) * BLOCK)
+        assert lo < hi
+        pieces.append((t, lo, hi, hi - lo == BLOCK))
+    assert [p[:3] for p in pieces] == sorted(p[:3] for p in pieces)
+    for t, n in enumerate(sizes):  # the chunks of each tensor tile it exactly
+        mine = [(lo, hi) for u, lo, hi, _ in pieces if u == t]
+        assert sum(hi - lo for lo, hi in mine) == n
+    assert sum(full for *_, full in pieces) == 2  # blocks 1 and 2 lie inside the second tensor
+    updates, nat, adv = _inputs("random", sizes, torch.float32, 12, DEVICES[0])
     assert_matches_reference("triton", updates, nat, adv, alpha=0.1, p=0.3)
-    assert not triton_rgp_mask._plan(updates + [updates[0][:3]], 0.3)[0].aligned
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -190,6 +200,158 @@ def test_group_of_only_empty_tensors(device):
     stats = ck.rgp_mask_(updates, grads, grads, alpha=0.1, p=0.3, backend="triton")
     assert torch.isnan(stats.thresholds).all() and stats.kept.tolist() == [0, 0]
     assert stats.nonfinite.tolist() == [0, 0]
+
+
+# --- the sampling bracket: cases built to defeat it ------------------------------------------------------
+@pytest.fixture
+def small_bracket(monkeypatch):
+    """Bracket every tensor of at least 2048 elements from a 256-score sample (16 tiles of 16), so the
+    interpreter can run the cases; the algorithm is the one of the default sizes."""
+    monkeypatch.setattr(triton_rgp_mask, "BRACKET_MIN", 2048)
+    monkeypatch.setattr(triton_rgp_mask, "SAMPLE_TILE", 16)
+    monkeypatch.setattr(triton_rgp_mask, "SAMPLE_TILES", 16)
+    # 5 sigma of a 256-score sample is +-14 % of the ranks at p = 0.3: room for half the tensor.
+    monkeypatch.setattr(triton_rgp_mask, "CAND_FRACTION", 2)
+    return triton_rgp_mask
+
+
+def _bracket_case(name: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """float32 scores (used as g_nat with alpha = 1, so s = |g_nat|) of the named pathology."""
+    u = rng.random(n, dtype=np.float32)
+    if name == "all_equal":
+        return np.full(n, 0.25, np.float32)
+    if name == "ties_at_lo":  # three values, the middle one a run holding the bracket's low end
+        return rng.choice(np.array([0.5, 1.0, 2.0], np.float32), size=n, p=[0.25, 0.1, 0.65])
+    if name == "run_straddling_k":  # 60 % equal values from rank 0.1 n to 0.7 n
+        x = np.where(u < 0.1, u, np.where(u < 0.7, np.float32(0.5), u + 1)).astype(np.float32)
+        return rng.permutation(x)
+    if name in ("zeros30", "zeros80"):
+        frac = 0.3 if name == "zeros30" else 0.8
+        x = u + np.float32(0.01)
+        x[: int(frac * n)] = 0
+        return rng.permutation(x)
+    if name == "nan":
+        x = u.copy()
+        x[rng.integers(0, n)] = np.nan
+        return x
+    if name == "inf":
+        x = u.copy()
+        x[rng.random(n) < 0.1] = np.inf
+        return x
+    if name == "sorted":
+        return np.sort(u)
+    if name == "sample_small_rest_large":  # every sampled tile holds small values, the rest is large
+        return u + np.float32(1000)  # the sampled positions are overwritten by the test
+    if name == "two_valued":
+        return np.where(u < 0.5, np.float32(0.5), np.float32(2.0)).astype(np.float32)
+    if name == "denormal":
+        return (u * np.float32(1e-39)).astype(np.float32)
+    raise ValueError(name)
+
+
+BRACKET_CASES = ("all_equal", "ties_at_lo", "run_straddling_k", "zeros30", "zeros80", "nan", "inf", "sorted",
+                 "sample_small_rest_large", "two_valued", "denormal")
+
+
+def _sample_positions(n: int, tile: int, tiles: int) -> np.ndarray:
+    starts = (np.arange(tiles, dtype=np.int64) * n // tiles) // tile * tile
+    return (starts[:, None] + np.arange(tile)).reshape(-1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", BRACKET_CASES)
+def test_bracket_exact_on_cases_built_to_defeat_it(device, case, small_bracket):
+    rng = np.random.default_rng(BRACKET_CASES.index(case))
+    sizes = [5003, 40, 2048]
+    nat = [_bracket_case(case, n, rng) for n in sizes]
+    if case == "sample_small_rest_large":
+        for x in (nat[0], nat[2]):
+            x[_sample_positions(x.size, 16, 16)] = rng.random(256, dtype=np.float32)
+    nat_t = [torch.from_numpy(x).to(device) for x in nat]
+    adv = [torch.randn(n).to(device) for n in sizes]
+    for p in (0.3, 0.0, 0.999, 1.0, 0.5):
+        updates = [torch.randn(n).to(device) for n in sizes]
+        assert_matches_reference("triton", updates, nat_t, adv, alpha=1.0, p=p)
+        bracketed, misses = small_bracket.last_bracket_misses()
+        assert bracketed == 2
+        if case == "sample_small_rest_large" and 0 < p < 1:
+            assert misses == 2  # the counts show the ranks lie above hi: the radix path resolved them
+        if case in ("zeros80", "nan", "two_valued") and 0 < p < 1:
+            assert misses == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bracket_candidate_overflow_falls_back(device, small_bracket, monkeypatch):
+    monkeypatch.setattr(small_bracket, "CAND_FRACTION", 1000)  # room for 5 candidates in 5003 elements
+    updates, nat, adv = _inputs("random", [5003, 2048], torch.float32, 3, device)
+    assert_matches_reference("triton", updates, nat, adv, alpha=0.1, p=0.3)
+    assert small_bracket.last_bracket_misses() == (2, 2)
+    monkeypatch.setattr(small_bracket, "CAND_FRACTION", 2)
+    updates, nat, adv = _inputs("random", [5003, 2048], torch.float32, 3, device)
+    assert_matches_reference("triton", updates, nat, adv, alpha=0.1, p=0.3)
+    assert small_bracket.last_bracket_misses() == (2, 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bracket_starts_at_the_cutoff(device, small_bracket):
+    sizes = [2047, 2048, 2049]
+    (group,) = small_bracket._plan([torch.empty(n) for n in sizes], 0.3)
+    assert group.bracketed == 2 and group.tensors[:, 7].tolist() == [0, 1, 1]
+    for kind in ("random", "ties", "zeros"):
+        updates, nat, adv = _inputs(kind, sizes, torch.float32, 4, device)
+        assert_matches_reference("triton", updates, nat, adv, alpha=0.3, p=0.7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_bracket_on_the_pathological_battery(device, kind, small_bracket):
+    dtype = DTYPES[KINDS.index(kind) % len(DTYPES)]
+    updates, nat, adv = _inputs(kind, [3000, 17, 2 * BLOCK + 3], dtype, KINDS.index(kind), device)
+    for p, alpha in ((0.3, 0.1), (0.999, 0.7)):
+        assert_matches_reference("triton", [u.clone() for u in updates], nat, adv, alpha=alpha, p=p)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bracket_at_the_default_sizes_hits_on_random_gradients(device):
+    n = triton_rgp_mask.BRACKET_MIN + 3
+    updates, nat, adv = _inputs("random", [n, 100], torch.float32, 5, device)
+    assert_matches_reference("triton", updates, nat, adv, alpha=0.1, p=0.3)
+    assert triton_rgp_mask.last_bracket_misses() == (1, 0)
+
+
+def test_bracket_ranks_widen_by_five_sigma_and_clamp():
+    m = 16384
+    r_lo, r_hi = triton_rgp_mask.bracket_ranks(10**6, 299_999, 300_000, m)
+    sigma = math.sqrt(m * 0.3 * 0.7)
+    assert r_lo == math.floor(m * 0.299999 - 5 * sigma) - 1 and r_hi == math.ceil(m * 0.300001 + 5 * sigma) + 1
+    assert triton_rgp_mask.bracket_ranks(10**6, 0, 1, m)[0] == -1  # open below: lo = 0
+    assert triton_rgp_mask.bracket_ranks(10**6, 999_999, 999_999, m)[1] == m  # open above: hi = +inf
+
+
+# --- the radix path's digit widths ----------------------------------------------------------------------
+def test_digit_widths_follow_the_triton_version():
+    assert triton_rgp_mask._radix_digits("3.6.0") == (8, 8, 8, 7)
+    assert triton_rgp_mask._radix_digits("3.5.1") == (8, 8, 8, 7)
+    assert triton_rgp_mask._radix_digits("3.7.0") == (11, 10, 10)
+    assert triton_rgp_mask._radix_digits("3.8.0+git1234") == (11, 10, 10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("digits", [(8, 8, 8, 7), (11, 10, 10)], ids=str)
+@pytest.mark.parametrize("kind", ["ties", "wide", "denormal", "nan", "inf", "zeros"])
+def test_radix_path_exact_with_either_digit_widths(device, digits, kind, monkeypatch):
+    monkeypatch.setattr(triton_rgp_mask, "RADIX_DIGITS", digits)
+    rng = random.Random(kind)
+    updates, nat, adv = _inputs(kind, SIZES, torch.float32, rng.randrange(2**31), device)
+    for p in (0.3, 1.0, rng.random()):
+        assert_matches_reference("triton", [u.clone() for u in updates], nat, adv, alpha=0.1, p=p)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_order_statistics_at_every_level_of_the_256_bin_digits(device, monkeypatch):
+    monkeypatch.setattr(triton_rgp_mask, "RADIX_DIGITS", (8, 8, 8, 7))
+    test_order_statistics_resolved_at_every_digit_level(device)
+    test_exact_on_keys_sharing_long_prefixes(device, 0)
 
 
 # --- layouts: zero copy, packed, non-contiguous ------------------------------------------------------
@@ -368,45 +530,78 @@ def test_torch_compile_fullgraph_matches_eager(device):
 
 # --- the compiled (non-interpreted) kernels ---------------------------------------------------------
 _COMPILE_SCRIPT = r"""
-import json, re, sys
+import json, re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from cure_kernels import triton_rgp_mask as m, triton_revise as r
 
-def sig(names, types):
-    return dict(zip(names, types))
+I64, I32 = "*i64", "*i32"
+jobs = []  # (name, kernel, signature, constexprs)
 
-STREAM = ("nat_ptr", "adv_ptr", "upd_ptr", "chunk_ptr", "tensor_ptr", "thr_ptr", "kept_ptr", "alpha", "beta",
-          "num_chunks", "BLOCK", "ALIGNED")
-SELECT = ("tensor_ptr", "frac_ptr", "ws_ptr", "thr_ptr", "nonfinite_ptr", "num_tensors", "state_base",
-          "LEVEL", "TILE", "NUM_BINS", "ROW_BINS")
-REVISE = ("rev_ptr", "par_ptr", "numel", "decay", "keep", "BLOCK")
-jobs = []
+
+def job(name, fn, sig, consts):
+    jobs.append((name, fn, sig, consts))
+
+
 for dt in ("fp32", "bf16", "fp16"):
     P = "*" + dt
-    stream_types = (P, P, P, "*i64", "*i64", "*fp32", "*i64", "fp32", "fp32", "i32", "constexpr", "constexpr")
-    jobs.append((m._mask_kernel, sig(STREAM, stream_types), {"BLOCK": m.BLOCK, "ALIGNED": True}))
-    revise_types = (P, P, "i64", "fp32", "fp32", "constexpr")
-    jobs.append((r._revise_kernel, sig(REVISE, revise_types), {"BLOCK": r.BLOCK}))
-SELECT_TYPES = ("*i64", "*fp32", "*i32", "*fp32", "*i64", "i32", "i32") + ("constexpr",) * 4
-jobs.append((m._select_kernel, sig(SELECT, SELECT_TYPES),
-             {"LEVEL": 3, "TILE": m.SELECT_TILE, "NUM_BINS": m.BINS, "ROW_BINS": m.SUB_BINS}))
+    job(f"mask:{dt}", m._mask_kernel, dict(nat_ptr=P, adv_ptr=P, upd_ptr=P, chunk_ptr=I64, tensor_ptr=I64,
+        thr_ptr="*fp32", kept_ptr=I64, alpha="fp32", beta="fp32", num_chunks="i32", BLOCK="constexpr"),
+        {"BLOCK": m.BLOCK})
+    job(f"revise:{dt}", r._revise_kernel, dict(rev_ptr=P, par_ptr=P, numel="i64", decay="fp32", keep="fp32",
+        BLOCK="constexpr"), {"BLOCK": r.BLOCK})
+P = "*fp32"
+job("sample", m._sample_kernel, dict(nat_ptr=P, adv_ptr=P, tensor_ptr=I64, state_ptr=I32, alpha="fp32",
+    beta="fp32", TILE="constexpr", TILES="constexpr"), {"TILE": m.SAMPLE_TILE, "TILES": m.SAMPLE_TILES})
+job("bracket", m._bracket_kernel, dict(nat_ptr=P, adv_ptr=P, chunk_ptr=I64, tensor_ptr=I64, state_ptr=I32,
+    cand_ptr=I32, alpha="fp32", beta="fp32", num_chunks="i32", BLOCK="constexpr"), {"BLOCK": m.BLOCK})
+job("resolve", m._resolve_kernel, dict(tensor_ptr=I64, frac_ptr="*fp32", state_ptr=I32, cand_ptr=I32,
+    thr_ptr="*fp32", nonfinite_ptr=I64, BLOCK="constexpr"), {"BLOCK": m.BLOCK})
+for digits in ((8, 8, 8, 7), (11, 10, 10)):
+    levels = m._radix_levels(digits)
+    row = max(1 << levels[0][1], 2 * max(1 << w for _, w in levels[1:]))
+    d = digits[0]
+    job(f"histogram{d}", m._histogram_kernel, dict(nat_ptr=P, adv_ptr=P, chunk_ptr=I64, tensor_ptr=I64,
+        ws_ptr=I32, state_ptr=I32, alpha="fp32", beta="fp32", num_chunks="i32", BLOCK="constexpr", ROW="constexpr",
+        SHIFT="constexpr", NB="constexpr"),
+        {"BLOCK": m.BLOCK, "ROW": row, "SHIFT": levels[0][0], "NB": 1 << levels[0][1]})
+    job(f"refine{d}", m._refine_kernel, dict(nat_ptr=P, adv_ptr=P, chunk_ptr=I64, tensor_ptr=I64, ws_ptr=I32,
+        state_ptr=I32, cand_ptr=I32, alpha="fp32", beta="fp32", num_chunks="i32", num_tensors="i32",
+        BLOCK="constexpr", ROW="constexpr", PREV_SHIFT="constexpr", SHIFT="constexpr", NB="constexpr"),
+        {"BLOCK": m.BLOCK, "ROW": row, "PREV_SHIFT": levels[0][0], "SHIFT": levels[1][0], "NB": 1 << levels[1][1]})
+    job(f"candidate{d}", m._candidate_kernel, dict(cand_ptr=I32, chunk_ptr=I64, tensor_ptr=I64, ws_ptr=I32,
+        state_ptr=I32, num_chunks="i32", num_tensors="i32", LEVEL="constexpr", BLOCK="constexpr", ROW="constexpr",
+        PREV_SHIFT="constexpr", SHIFT="constexpr", NB="constexpr"),
+        {"LEVEL": 3, "BLOCK": m.BLOCK, "ROW": row, "PREV_SHIFT": levels[1][0], "SHIFT": levels[2][0],
+         "NB": 1 << levels[2][1]})
+    last = len(levels)
+    job(f"select{d}", m._select_kernel, dict(tensor_ptr=I64, frac_ptr="*fp32", ws_ptr=I32, state_ptr=I32,
+        thr_ptr="*fp32", nonfinite_ptr=I64, num_tensors="i32", LEVEL="constexpr", TILE="constexpr",
+        ROW="constexpr", NB="constexpr", WIDTH="constexpr", LAST="constexpr"),
+        {"LEVEL": last, "TILE": m.SELECT_TILE, "ROW": row, "NB": 1 << levels[-1][1], "WIDTH": levels[-1][1],
+         "LAST": True})
 target = GPUTarget("cuda", 90, 32)
-fmas = {}
+out = {}
 for fusion in (False, True):
-    for fn, signature, constexprs in jobs:
-        kernel = triton.compile(ASTSource(fn, signature, constexprs), target=target,
+    for name, fn, signature, constexprs in jobs:
+        if fusion and not name.startswith("mask:fp32"):
+            continue
+        # Pointer arguments 16-byte aligned, as Triton specialises them at launch.
+        attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")}
+        kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
                                 options={"num_warps": 8, "enable_fp_fusion": fusion})
-        key = f"{fn.__name__}:{signature[next(iter(signature))]}:{fusion}"
-        fmas[key] = len(re.findall(r"\bfma\.", kernel.asm["ptx"]))
-print(json.dumps(fmas))
+        ptx = kernel.asm["ptx"]
+        out[f"{name}:{fusion}"] = {"fma": len(re.findall(r"\bfma\.", ptx)),
+                                   "v4": len(re.findall(r"\bld\.global(?:\.\w+)*\.v[24]\.", ptx))}
+print(json.dumps(out))
 """
 
 
-def test_kernels_compile_for_cuda_without_fused_multiply_add(tmp_path):
-    """Compile the kernels that do float arithmetic for sm_90 (no GPU needed) outside the interpreter,
-    and check the PTX: no fma with enable_fp_fusion=False (as launched), some with fusion enabled."""
+def test_kernels_compile_for_cuda_without_fma_and_full_chunks_vectorise(tmp_path):
+    """Compile every kernel (both radix digit widths) for sm_90 outside the interpreter (no GPU needed)
+    and check the PTX: no fma as launched (enable_fp_fusion=False), some with fusion enabled (so the
+    check can see contraction); vector loads in the streaming passes (their full-chunk path)."""
     import json
     import os
     import subprocess
@@ -416,14 +611,16 @@ def test_kernels_compile_for_cuda_without_fused_multiply_add(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=900)
     if proc.returncode != 0 and ("ptxas" in proc.stderr or "GPUTarget" in proc.stderr):
         pytest.skip(f"Triton cannot compile for CUDA here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr
-    fmas = json.loads(proc.stdout.strip().splitlines()[-1])
-    launched = {k: v for k, v in fmas.items() if k.endswith(":False")}
-    assert launched and all(v == 0 for v in launched.values()), launched
-    assert fmas["_mask_kernel:*fp32:True"] > 0  # the check would see contraction if it happened
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    launched = {k: v["fma"] for k, v in out.items() if k.endswith(":False")}
+    assert len(launched) >= 14 and all(v == 0 for v in launched.values()), launched
+    assert out["mask:fp32:True"]["fma"] > 0  # the check would see contraction if it happened
+    for name in ("mask:fp32", "mask:bf16", "mask:fp16", "bracket", "histogram8", "histogram11", "refine8"):
+        assert out[f"{name}:False"]["v4"] > 0, (name, out[f"{name}:False"])
 
 
 # --- CUDA only -----------------------------------------------------------------------------------
