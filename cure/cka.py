@@ -108,15 +108,18 @@ def _as_matrix(x: Tensor | np.ndarray, name: str) -> Tensor:
     return t
 
 
-def gram(x: Tensor | np.ndarray) -> Tensor:
+def gram(x: Tensor | np.ndarray, device: torch.device | str | None = None) -> Tensor:
     """The centred linear Gram matrix (n, n) of features ``x`` (n, ...), float64, after scaling ``x`` by its
-    largest absolute entry (for stability; CKA does not change)."""
+    largest absolute entry (for stability; CKA does not change). ``device``: where the product is computed
+    (default the CPU); the result is returned on the CPU."""
     t = _as_matrix(x, "features")
+    if device is not None:
+        t = t.to(device)
     peak = t.abs().max()
     if peak > 0:
         t = t / peak
     t = t - t.mean(dim=0, keepdim=True)
-    return t @ t.T
+    return (t @ t.T).cpu()
 
 
 def _hsic_biased(k: Tensor, gl: Tensor) -> Tensor:
@@ -230,11 +233,11 @@ class CKAResult:
         return {name: m[i][self.blocks_b.index(name)] for i, name in enumerate(self.blocks_a) if name in self.blocks_b}
 
 
-def _cka_matrix(fa: dict[str, Tensor], fb: dict[str, Tensor], unbiased: bool) -> list[list[float]]:
-    grams_b = {name: gram(f) for name, f in fb.items()}
+def _cka_matrix(fa: dict[str, Tensor], fb: dict[str, Tensor], unbiased: bool, device) -> list[list[float]]:
+    grams_b = {name: gram(f, device) for name, f in fb.items()}
     rows = []
     for f in fa.values():
-        ka = gram(f)
+        ka = gram(f, device)
         rows.append([cka_from_grams(ka, lb, unbiased=unbiased) for lb in grams_b.values()])
     return rows
 
@@ -337,7 +340,7 @@ def compare_checkpoints(
             xb = adv["b"] if adv_source == "each" else adv[adv_source]
         fa = extract_features(model_a, cfg_a["arch"], xa, batch_size=batch_size, device=device)
         fb = extract_features(model_b, cfg_b["arch"], xb, batch_size=batch_size, device=device)
-        result.matrix[kind] = _cka_matrix(fa, fb, unbiased)
+        result.matrix[kind] = _cka_matrix(fa, fb, unbiased, device)
         del fa, fb
     return result
 

@@ -276,7 +276,7 @@ def _plot_layers(run: Run, out: Path, stem: str) -> Path | None:
     fig, axes = plt.subplots(2, 2, figsize=(14, 4 + 0.22 * n_layers * 2))
     ax = axes[0, 0]
     if kept is not None:
-        _heat(ax, fig, *kept, "kept fraction of gradient entries (RGP mask)", "kept fraction", "viridis", 0.0, 1.0)
+        _heat(ax, fig, *kept, "kept fraction of gradient entries (RGP mask)", "kept fraction", "viridis")
     else:
         ax.set_axis_off()
         ax.set_title("kept fraction: not recorded")
