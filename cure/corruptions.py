@@ -10,7 +10,8 @@ re-implemented here with numpy, scipy.ndimage and Pillow:
 * noise: ``gaussian_noise`` (x + N(0, c^2)), ``shot_noise`` (Poisson(c x) / c), ``impulse_noise``
   (salt-and-pepper: each value is replaced with probability c, by 0 or 1 with equal odds);
 * blur: ``defocus_blur`` (a disk of radius r, anti-aliased by a 3x3 Gaussian, as the filter),
-  ``glass_blur`` (Gaussian blur, 8-bit quantisation, local pixel swaps within +-delta, Gaussian blur again),
+  ``glass_blur`` (Gaussian blur, 8-bit quantisation, each pixel replaced by a random neighbour at an offset
+  in {-1, 0}^2 as the released generator does, Gaussian blur again),
   ``motion_blur`` (ImageMagick's motion-blur kernel: a one-sided Gaussian-weighted line of 2 ceil(r) + 1
   taps in a random direction in [-45, 45] degrees, edge pixels repeated), ``zoom_blur`` (the mean of the
   image and its centre zooms by each factor of ``np.arange(1, z_max, 0.01)``, bilinear);
@@ -23,12 +24,14 @@ re-implemented here with numpy, scipy.ndimage and Pillow:
 
 Deviations, all deliberate and documented:
 
-* ``frost``: the original blends the image with crops of six photographs of frost (``c0 x + c1 frost``),
-  which are not part of this project. :func:`frost_texture` is a procedural substitute: a fine plasma
-  fractal (the frozen haze) with bright ice needles (sparse seeds smeared by motion-blur kernels in random
-  directions), scaled to [0, 1] with mean about 0.45 and tinted pale blue on RGB images. The blend and the
-  per-severity weights c0, c1 are the published ones, so the severity trend is the original's but the
-  accuracies are not comparable number for number with CIFAR-10-C's frost.
+* ``frost``: the original blends the image with a random crop of one of five photographs of frost
+  (``c0 x + c1 frost``), which are not part of this project. Here the photographs are replaced by five
+  procedural 128x128 frost textures (:func:`frost_texture`, generated once from fixed seeds: a fine plasma
+  fractal for the frozen haze plus bright ice needles, i.e. sparse seeds smeared by motion-blur kernels in
+  random directions; values in [0, 1], tinted pale blue on RGB images); each image takes a random crop of
+  a random one. The blend and the per-severity weights c0, c1 are the published ones, so the severity
+  trend is the original's, but the accuracies are not comparable number for number with CIFAR-10-C's
+  frost.
 * Images stay float in [0, 1]; they are not rounded to 8 bits at the end (CIFAR-10-C stores uint8), except
   where the corruption itself quantises (JPEG; glass blur's intermediate step; the snow layer).
 * Sizes scale with the image: the elastic transform's parameters are multiples of the image size (32 in
@@ -262,22 +265,29 @@ def _defocus_blur(x, c, rngs):
 
 
 def _glass_blur(x, c, rngs):
+    """Blur, quantise to 8 bits, move pixels locally, blur again.
+
+    The released generator scans (h, w) from the bottom-right to the top-left, h and w from size - delta down
+    to delta + 1, and "swaps" pixel (h, w) with (h + dy, w + dx), dx and dy uniform integers in
+    [-delta, delta - 1], by a tuple assignment of numpy views; for RGB images that copies (h + dy, w + dx)
+    into (h, w) and leaves the source as it was. With delta = 1 (every CIFAR-10-C severity) each source lies
+    at an offset in {-1, 0}^2, i.e. at a position the scan has not reached yet, so one pass is exactly the
+    gather out[h, w] = in[h + dy, w + dx]; the CIFAR-10-C images follow that, and so does this function
+    (for grayscale images too)."""
     sigma, delta, iterations = c
+    if delta != 1:
+        raise ValueError(f"glass blur is defined here for delta = 1 (CIFAR-10-C's value), got {delta}")
     n, _, h, w = x.shape
     out = np.floor(np.clip(_gauss_hw(x, sigma), 0, 1) * 255.0) / 255.0  # the definition's 8-bit step
-    rows = range(h - delta, delta, -1)
-    cols = range(w - delta, delta, -1)
+    rows = np.arange(h - delta, delta, -1)  # the scan order of the definition (for the random draws)
+    cols = np.arange(w - delta, delta, -1)
     shifts = _draw(rngs, lambda r: r.integers(-delta, delta, (iterations, len(rows), len(cols), 2)))
-    idx = np.arange(n)
+    idx = np.arange(n)[:, None, None]
+    rr, cc = rows[None, :, None], cols[None, None, :]
     for it in range(iterations):
-        for a, row in enumerate(rows):
-            for b, col in enumerate(cols):
-                dx, dy = shifts[:, it, a, b, 0], shifts[:, it, a, b, 1]
-                r2, c2 = row + dy, col + dx
-                here = out[idx, :, row, col]
-                there = out[idx, :, r2, c2]
-                out[idx, :, row, col] = there
-                out[idx, :, r2, c2] = here
+        dx, dy = shifts[:, it, :, :, 0], shifts[:, it, :, :, 1]
+        src = out[idx, :, rr + dy, cc + dx]  # (n, rows, cols, C)
+        out[idx, :, rr, cc] = src
     return _gauss_hw(out, sigma)
 
 
@@ -309,9 +319,32 @@ def _snow(x, c, rngs):
     return out + snow + np.rot90(snow, k=2, axes=(2, 3))
 
 
+#: Side of the procedural frost "photographs" that frost crops its overlays from.
+FROST_TEXTURE_SIZE = 128
+_FROST_BANK: list[np.ndarray] = []
+
+
+def _frost_bank() -> list[np.ndarray]:
+    """The five frost textures (fixed seeds, made once per process)."""
+    if not _FROST_BANK:
+        size = FROST_TEXTURE_SIZE
+        _FROST_BANK.extend(frost_texture(size, size, np.random.default_rng([0xF057, k])) for k in range(5))
+    return _FROST_BANK
+
+
+def _frost_crop(bank: list[np.ndarray], h: int, w: int, r: np.random.Generator) -> np.ndarray:
+    texture = bank[int(r.integers(len(bank)))]
+    top = int(r.integers(0, texture.shape[0] - h + 1))
+    left = int(r.integers(0, texture.shape[1] - w + 1))
+    return texture[top : top + h, left : left + w]
+
+
 def _frost(x, c, rngs):
     n, ch, h, w = x.shape
-    texture = _draw(rngs, lambda r: frost_texture(h, w, r))[:, None]
+    if h > FROST_TEXTURE_SIZE or w > FROST_TEXTURE_SIZE:
+        raise ValueError(f"frost supports images up to {FROST_TEXTURE_SIZE} pixels a side, got {h}x{w}")
+    bank = _frost_bank()
+    texture = _draw(rngs, lambda r: _frost_crop(bank, h, w, r))[:, None]
     if ch == 3:
         texture = texture * np.array([0.88, 0.94, 1.0])[None, :, None, None]
     return c[0] * x + c[1] * texture

@@ -140,6 +140,29 @@ def test_blurs_and_pixelate_keep_a_constant_image_and_jpeg_quantises():
     assert fogged.max().item() <= 0.4 + 1e-6 and fogged.std().item() > 0.01
 
 
+def test_glass_blur_is_the_published_sequential_scan():
+    """The released generator's scan: for h, w from size - 1 down to 2, pixel (h, w) takes the value at
+    (h + dy, w + dx), dx, dy in {-1, 0} (its view-based 'swap' copies); blur, quantise before, blur after."""
+    from cure.corruptions import _gauss_hw, _glass_blur
+
+    x = np.random.default_rng(0).random((2, 3, 16, 16))
+    for c in PARAMETERS["glass_blur"]:
+        sigma, d, iterations = c
+        out = np.floor(np.clip(_gauss_hw(x, sigma), 0, 1) * 255.0) / 255.0
+        rows, cols = range(16 - d, d, -1), range(16 - d, d, -1)
+        shape = (iterations, len(rows), len(cols), 2)
+        shifts = np.stack([np.random.default_rng(i).integers(-d, d, shape) for i in range(2)])
+        for i in range(2):
+            for it in range(iterations):
+                for a, h in enumerate(rows):
+                    for b, w in enumerate(cols):
+                        dx, dy = shifts[i, it, a, b]
+                        out[i, :, h, w] = out[i, :, h + dy, w + dx]
+        expected = _gauss_hw(out, sigma)
+        got = _glass_blur(x, c, [np.random.default_rng(i) for i in range(2)])
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_plasma_fractal_and_frost_texture():
     rng = np.random.default_rng(0)
     m = plasma_fractal(32, 2.0, rng)
