@@ -491,7 +491,8 @@ def _eval_corruptions(args: argparse.Namespace, parser, severities: tuple[int, .
     )
     header = f"{'corruption':<19}" + "".join(f"{'sev ' + str(s):>8}" for s in severities) + f"{'mean':>8}"
     for which, res in results.items():
-        print(f"{which} model" if len(results) > 1 else "")
+        if len(results) > 1:
+            print(f"{which} model")
         print(header)
         for name in CORRUPTIONS:
             cells = "".join(f"{res['corruptions_by_severity'][name][str(s)]:>8.2f}" for s in severities)
