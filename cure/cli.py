@@ -1,4 +1,5 @@
-"""Command line: ``cure train``, ``cure eval`` and ``cure presets`` (``python -m cure ...`` is the same).
+"""Command line: ``cure train``, ``cure eval``, ``cure presets``, ``cure analyze`` and ``cure plot``
+(``python -m cure ...`` is the same).
 
     cure train --method st --dataset fashion-mnist --arch cnn --epochs 2 --out runs/st
     cure train --method cure --dataset fashion-mnist --arch cnn --epochs 5 --init runs/st/last.pt \
@@ -7,6 +8,9 @@
     cure train --method cure --dataset cifar10 --arch resnet18 --epochs 50 --print-config
     cure eval --checkpoint runs/cure/last.pt --attacks nat,pgd20,cw,aa --which both
     cure eval --checkpoint runs/cure/last.pt --attacks nat,pgd20,cw --eval-protocol official
+    cure eval --checkpoint runs/cure/last.pt --attacks nat,corruptions --severities 1,3,5
+    cure analyze cka --a runs/st/last.pt --b runs/cure/last.pt --out analysis/cka --adversarial
+    cure plot runs/at runs/cure --out figures
 
 Every bad argument is reported argparse-style (exit status 2) before any work starts.
 """
@@ -174,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cure", description="CURE (Conserve-Update-Revise) adversarial training"
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,presets}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,presets,analyze,plot}")
     p_train = sub.add_parser("train", help="train a model", description="Train ST, AT, TRADES or CURE.")
     _add_train_arguments(p_train)
     p_train.set_defaults(subparser=p_train)
@@ -186,8 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--attacks",
         type=_csv_list(str),
         default=("nat", "pgd20"),
-        help="comma-separated: nat, pgd20, pgd100, cw, aa (default nat,pgd20)",
+        help="comma-separated: nat, pgd20, pgd100, cw, aa, corruptions (the 15 CIFAR-10-C corruption types "
+        "at --severities; default nat,pgd20)",
     )
+    _add_corruption_arguments(p_eval)
     p_eval.add_argument("--which", choices=("model", "revision", "both"), default="model")
     p_eval.add_argument("--eval-samples", type=int, help="deterministic subset of the test split")
     p_eval.add_argument("--eps", type=float, help="L-inf radius (default: the one the run trained with)")
@@ -203,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     p_eval.set_defaults(subparser=p_eval)
     sub.add_parser("presets", help="list the named presets and the sources of their values")
+    _add_analysis_parsers(sub)
     return parser
 
 
@@ -397,13 +404,217 @@ def _presets() -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------
+# Common corruptions in `cure eval`, `cure analyze` and `cure plot`
+def _add_corruption_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--severities",
+        type=_csv_list(int),
+        default=None,
+        help="with 'corruptions' in --attacks: the severities to average over, from 1..5 (default 1,2,3,4,5)",
+    )
+
+
+def _add_analysis_parsers(sub) -> None:
+    p_an = sub.add_parser(
+        "analyze", help="analyses of trained models (cka)", description="Analyses of trained models."
+    )
+    an_sub = p_an.add_subparsers(dest="analysis", required=True, metavar="{cka}")
+    p = an_sub.add_parser(
+        "cka",
+        help="linear CKA between two checkpoints' blocks",
+        description="Linear CKA (Kornblith et al. 2019) between the block outputs of two checkpoints on test "
+        "images; writes cka.csv, cka_matrix.csv and cka.png into --out.",
+    )
+    p.add_argument("--a", required=True, type=Path, help="first checkpoint (DIR/last.pt or DIR/best.pt)")
+    p.add_argument("--b", required=True, type=Path, help="second checkpoint (same dataset)")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--a-which", choices=("model", "revision"), default="model", help="network of --a")
+    p.add_argument("--b-which", choices=("model", "revision"), default="model", help="network of --b")
+    p.add_argument("--samples", type=int, default=512, help="test images (deterministic subset; default 512)")
+    p.add_argument("--adversarial", action="store_true", help="also on PGD-20 adversarial examples")
+    p.add_argument(
+        "--adv-source",
+        choices=("each", "a", "b"),
+        default="each",
+        help="each: every model sees its own adversarial examples (default); a / b: both see those of a / b",
+    )
+    p.add_argument("--eps", type=float, help="L-inf radius of the PGD-20 examples (default: --a's run)")
+    p.add_argument(
+        "--estimator", choices=("standard", "unbiased"), default="standard", help="HSIC estimator in CKA"
+    )
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--data-root", help="dataset root (default: --a's run's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the PGD random starts")
+    p.set_defaults(subparser=p)
+    p_plot = sub.add_parser(
+        "plot",
+        help="figures of training runs",
+        description="PNG figures of one or more run directories: accuracy curves (overlaid), the revision "
+        "model, per-layer statistics (when the run has layer_stats.csv).",
+    )
+    p_plot.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories of `cure train`")
+    p_plot.add_argument("--out", required=True, type=Path, help="output directory for the PNG files")
+    p_plot.set_defaults(subparser=p_plot)
+
+
+def _analysis(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from cure.checkpoint import CheckpointError
+    from cure.data import DatasetCorruptError, DatasetNotFoundError
+
+    if args.command == "plot":
+        from cure.plots import PlotError, run
+
+        try:
+            return run(args)
+        except PlotError as exc:
+            parser.error(str(exc))
+    from cure.cka import CKAError, run
+
+    if args.samples < 2:
+        parser.error(f"--samples must be at least 2, got {args.samples}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.eps is not None and not 0 <= args.eps <= 1:
+        parser.error(f"--eps must lie in [0, 1], got {args.eps}")
+    try:
+        return run(args)
+    except (CKAError, CheckpointError, ValueError) as exc:
+        parser.error(str(exc))
+    except (DatasetNotFoundError, DatasetCorruptError) as exc:
+        print(f"cure analyze cka: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _eval_all(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """`cure eval`: the attacks (:func:`_eval`), then the common corruptions when --attacks names them."""
+    from cure.corruptions import SEVERITIES
+
+    if "corruptions" not in args.attacks:
+        if args.severities is not None:
+            parser.error("--severities applies only with 'corruptions' in --attacks")
+        return _eval(args, parser)
+    severities = tuple(args.severities) if args.severities is not None else SEVERITIES
+    bad = [s for s in severities if s not in SEVERITIES]
+    if bad or len(set(severities)) != len(severities):
+        parser.error(f"--severities must be distinct values from 1..5, got {','.join(map(str, severities))}")
+    if args.attacks.count("corruptions") > 1:
+        parser.error("--attacks lists 'corruptions' twice")
+    args.attacks = tuple(a for a in args.attacks if a != "corruptions")
+    if args.attacks:
+        code = _eval(args, parser)
+        if code:
+            return code
+    return _eval_corruptions(args, parser, severities, merge=bool(args.attacks))
+
+
+def _eval_corruptions(args: argparse.Namespace, parser, severities: tuple[int, ...], merge: bool) -> int:
+    """Accuracy under the 15 common corruptions; a table, eval.json and the run's summary.json."""
+    import torch
+
+    from cure.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_model
+    from cure.config import TrainConfig
+    from cure.corruptions import CORRUPTIONS
+    from cure.data import deterministic_subset, load_split
+    from cure.evaluation import evaluate_corruptions
+    from cure.train import select_device
+
+    if args.eval_samples is not None and args.eval_samples < 1:
+        parser.error(f"--eval-samples must be at least 1, got {args.eval_samples}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    try:
+        device = select_device(args.device)
+        state = load_checkpoint(args.checkpoint)
+    except (CheckpointError, ValueError) as exc:
+        parser.error(str(exc))
+    cfg = TrainConfig.from_dict(state["config"])
+    whiches = ("model", "revision") if args.which == "both" else (args.which,)
+    if "revision" in whiches and state.get("revision") is None:
+        if args.which == "revision":
+            parser.error(f"{args.checkpoint} holds no revision model (method {cfg.method})")
+        whiches = ("model",)
+    del state
+    images, labels = load_split(cfg.dataset, args.data_root or cfg.data_root, train=False, download=False)
+    if args.eval_samples is not None and args.eval_samples < len(labels):
+        images, labels = deterministic_subset(images, labels, args.eval_samples, seed=cfg.data_seed)
+    results: dict[str, dict[str, Any]] = {}
+    for which in whiches:
+        model = load_model(args.checkpoint, which=which, map_location=device)
+        results[which] = evaluate_corruptions(
+            model,
+            images,
+            labels,
+            severities=severities,
+            batch_size=args.batch_size,
+            device=device,
+            seed=args.seed,
+            progress=args.progress,
+        )
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    sev_text = ",".join(map(str, severities))
+    print(
+        f"{args.checkpoint}: {cfg.method} on {cfg.dataset} ({cfg.arch}), {len(labels)} test images, "
+        f"common corruptions at severities {sev_text}; accuracies in %"
+    )
+    header = f"{'corruption':<19}" + "".join(f"{'sev ' + str(s):>8}" for s in severities) + f"{'mean':>8}"
+    for which, res in results.items():
+        if len(results) > 1:
+            print(f"{which} model")
+        print(header)
+        for name in CORRUPTIONS:
+            cells = "".join(f"{res['corruptions_by_severity'][name][str(s)]:>8.2f}" for s in severities)
+            print(f"{name:<19}{cells}{res['corruptions'][name]:>8.2f}")
+        print(f"{'mean (corruption_acc)':<{19 + 8 * len(severities)}}{res['corruption_acc']:>8.2f}")
+    path = args.checkpoint.parent / "eval.json"
+    existing: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            existing = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            existing = {}
+    entry = existing.get(args.checkpoint.name, {}) if merge else {}
+    entry.update({"test_images": int(len(labels)), "seed": args.seed})
+    entry["attacks"] = list(entry.get("attacks", [])) + ["corruptions"]
+    entry["corruption_severities"] = list(severities)
+    for which, res in results.items():
+        entry.setdefault(which, {}).update(
+            {k: res[k] for k in ("corruption_acc", "corruptions", "corruptions_by_severity")}
+        )
+    existing[args.checkpoint.name] = entry
+    atomic_write_text(json.dumps(existing, indent=2) + "\n", path)
+    print(f"results written to {path}")
+    summary_path = args.checkpoint.parent / "summary.json"
+    if summary_path.is_file():
+        try:
+            summary = json.loads(summary_path.read_text())
+        except json.JSONDecodeError:
+            summary = None
+        if isinstance(summary, dict):
+            summary["corruption_checkpoint"] = args.checkpoint.name
+            summary["corruption_severities"] = list(severities)
+            summary["corruption_test_images"] = int(len(labels))
+            for which, res in results.items():
+                prefix = "" if which == "model" else "rev_"
+                summary[f"{prefix}corruption_acc"] = res["corruption_acc"]
+                summary[f"{prefix}corruptions"] = res["corruptions"]
+            atomic_write_text(json.dumps(summary, indent=2) + "\n", summary_path)
+            print(f"corruption accuracies added to {summary_path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "train":
         return _train(args, args.subparser)
     if args.command == "eval":
-        return _eval(args, args.subparser)
+        return _eval_all(args, args.subparser)
+    if args.command in ("analyze", "plot"):
+        return _analysis(args, args.subparser)
     return _presets()
 
 

@@ -271,3 +271,84 @@ def evaluate(
     finally:
         model.train(was_training)
     return {name: 100.0 * count / n for name, count in zip(attacks, counts)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Natural corruptions (CIFAR-10-C's 15 types, see cure.corruptions)
+__all__ += ["evaluate_corruptions"]
+
+
+@torch.no_grad()
+def evaluate_corruptions(
+    model: nn.Module,
+    images_uint8: Tensor,
+    labels: Tensor,
+    *,
+    severities: Sequence[int] = (1, 2, 3, 4, 5),
+    corruptions: Sequence[str] | None = None,
+    batch_size: int = 256,
+    device: torch.device | str,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Accuracy in percent of ``model`` on ``images_uint8`` under each common corruption and severity.
+
+    Each batch is corrupted on the CPU (:func:`cure.corruptions.corrupt`, image i seeded with (seed, type,
+    severity, i), so the result does not depend on ``batch_size``) and classified on ``device``.
+
+    Returns:
+        {"corruption_acc": mean over types and severities,
+         "corruptions": {type: mean over severities},
+         "corruptions_by_severity": {type: {severity (str): accuracy}},
+         "severities": [...]}
+    """
+    from cure.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+
+    names = tuple(CORRUPTIONS if corruptions is None else corruptions)
+    for name in names:
+        if name not in CORRUPTIONS:
+            raise ValueError(f"unknown corruption {name!r}; choose from {', '.join(CORRUPTIONS)}")
+    severities = tuple(severities)
+    if not severities or any(s not in SEVERITIES for s in severities) or len(set(severities)) != len(severities):
+        raise ValueError(f"severities must be distinct values from {SEVERITIES}, got {severities}")
+    if images_uint8.dim() != 4 or images_uint8.shape[0] != labels.shape[0] or labels.shape[0] == 0:
+        raise ValueError(
+            f"images must be (N, C, H, W) with N >= 1 and one label each; got images "
+            f"{tuple(images_uint8.shape)} and labels {tuple(labels.shape)}"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    device = torch.device(device)
+    channels_last = _uses_channels_last(model)
+    n = int(labels.shape[0])
+    correct = torch.zeros(len(names), len(severities), dtype=torch.int64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with tqdm(
+            total=len(names) * len(severities) * n,
+            desc="eval corruptions",
+            unit="img",
+            disable=not progress,
+            leave=False,
+            file=sys.stderr,
+        ) as bar:
+            for lo in range(0, n, batch_size):
+                x = images_uint8[lo : lo + batch_size].cpu()
+                y = labels[lo : lo + batch_size].to(device, dtype=torch.int64)
+                for i, name in enumerate(names):
+                    for j, sev in enumerate(severities):
+                        xc = _to_unit(corrupt(x, name, sev, seed=seed, start_index=lo), device, channels_last)
+                        correct[i, j] += (model(xc).argmax(dim=1) == y).sum()
+                        bar.update(len(y))
+        acc = (100.0 * correct.double() / n).tolist()  # the one host read
+    finally:
+        model.train(was_training)
+    per_type = {name: sum(row) / len(row) for name, row in zip(names, acc)}
+    by_severity = {name: {str(s): a for s, a in zip(severities, row)} for name, row in zip(names, acc)}
+    return {
+        "corruption_acc": sum(per_type.values()) / len(per_type),
+        "corruptions": per_type,
+        "corruptions_by_severity": by_severity,
+        "severities": list(severities),
+    }
