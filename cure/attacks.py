@@ -2,6 +2,7 @@
 
     x_adv = pgd(model, x, y, eps=8/255, step_size=2/255, steps=20)                 # L-inf PGD-20 on CE
     x_adv = trades_pgd(model, x, eps=8/255, step_size=2/255, steps=10)             # CURE's Eq. 4
+    x_adv = mart_pgd(model, x, y, eps=0.5, step_size=0.125, steps=10, norm="l2")    # MART's attack, L2
 
 Common contract:
 
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["NORMS", "LOSSES", "pgd", "trades_pgd", "margin_loss"]
+__all__ = ["NORMS", "LOSSES", "pgd", "trades_pgd", "mart_pgd", "margin_loss"]
 
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "cw")
@@ -234,4 +235,41 @@ def trades_pgd(
                 objective = F.kl_div(log_p_adv, p_nat, reduction="batchmean")
                 (grad,) = torch.autograd.grad(objective, x_adv)
                 x_adv = _project(_ascent(x_adv.detach(), grad, step_size, norm), x, eps, norm, box)
+    return x_adv.detach().to(x.dtype)
+
+
+def mart_pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    norm: str = "linf",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """MART's inner maximisation (Wang et al. 2020, as in the authors' released code): PGD on the
+    cross-entropy CE(f(x'), y) from the start x + 0.001 * N(0, I) (projected onto the ball and [0, 1]), then
+    ``steps`` ascent steps (signed gradient for L-inf, normalised gradient for L2) each followed by the
+    projection. The model is in eval mode, as in :func:`pgd`.
+
+    Returns:
+        x_adv, detached, in the eps-ball around x and in [0, 1].
+    """
+    _check(eps, step_size, steps, norm)
+    if y.shape != x.shape[:1]:
+        raise ValueError(
+            f"y must hold one label per input: x has {x.shape[0]} inputs, y has shape {tuple(y.shape)}"
+        )
+    x = x.detach()
+    y = y.detach()
+    with _EvalMode(model), torch.enable_grad():
+        box = _box(x, eps, norm)
+        x_adv = _project(x + 0.001 * _noise_like(x, generator, "normal"), x, eps, norm, box)
+        for _ in range(steps):
+            x_adv = x_adv.detach().requires_grad_(True)
+            objective = F.cross_entropy(model(x_adv).float(), y, reduction="sum")
+            (grad,) = torch.autograd.grad(objective, x_adv)
+            x_adv = _project(_ascent(x_adv.detach(), grad, step_size, norm), x, eps, norm, box)
     return x_adv.detach().to(x.dtype)

@@ -11,6 +11,10 @@
     cure eval --checkpoint runs/cure/last.pt --attacks nat,corruptions --severities 1,3,5
     cure analyze cka --a runs/st/last.pt --b runs/cure/last.pt --out analysis/cka --adversarial
     cure plot runs/at runs/cure --out figures
+    cure train --method mart --norm l2 --out runs/mart-l2           # MART, L2 threat model (eps 1.5)
+    cure train --arch resnet18 --list-blocks                        # block names for --freeze / --reinit
+    cure train --method at --init runs/st/last.pt --reinit layer2 --freeze stem,layer1,layer3,layer4,fc \
+        --out runs/layer2
 
 Every bad argument is reported argparse-style (exit status 2) before any work starts.
 """
@@ -41,6 +45,7 @@ def _csv_list(kind):
 
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from cure.attacks import NORMS
     from cure.config import DEVICES, EVAL_PROTOCOLS, LR_SCHEDULES, MASK_MODES, METHODS
 
     B = argparse.BooleanOptionalAction
@@ -70,9 +75,13 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="named defaults (see `cure presets`); default: the paper's Table 9 preset for the dataset "
         "and arch when there is one. Explicit options override it",
     )
-    g.add_argument("--method", choices=METHODS, help="st (natural), at (Madry), trades, cure (default)")
+    g.add_argument(
+        "--method",
+        choices=METHODS,
+        help="st (natural), at (Madry), trades, cure (default), mart (Wang et al. 2020; beta 6 unless --beta)",
+    )
     g.add_argument("--dataset", help="fashion-mnist (default), cifar10, cifar100, svhn")
-    g.add_argument("--arch", help="cnn, resnet18, preact-resnet18, wrn-34-10")
+    g.add_argument("--arch", help="cnn, resnet18, preact-resnet18, wrn-34-10, resnet20")
     g.add_argument("--seed", type=int)
     g.add_argument("--device", choices=DEVICES)
     g.add_argument("--amp", action=B, default=None, help="bfloat16 autocast for forward passes")
@@ -136,6 +145,12 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eps", type=float, help="L-inf radius for inputs in [0, 1] (default: the dataset's)")
     g.add_argument("--step-size", type=float, help="PGD step (default: the dataset's)")
     g.add_argument("--attack-steps", type=int, help="K")
+    g.add_argument(
+        "--norm",
+        choices=NORMS,
+        help="threat model of training and evaluation: linf (default) or l2 (default eps: 0.5 for CIFAR and "
+        "SVHN, 1.5 for Fashion-MNIST; step eps/4)",
+    )
 
     g = p.add_argument_group("CURE")
     g.add_argument("--beta", type=float, help="KL weight of TRADES/CURE")
@@ -168,8 +183,24 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--warmup-epochs: the method continues from a naturally trained network)",
     )
 
+    g = p.add_argument_group("layer study (blocks: --list-blocks)")
+    g.add_argument(
+        "--reinit",
+        type=_csv_list(str),
+        help="comma-separated blocks to re-initialise after loading --init, e.g. layer2",
+    )
+    g.add_argument(
+        "--freeze",
+        type=_csv_list(str),
+        help="comma-separated blocks to keep fixed (not trained, not in the optimizer or the CURE mask)",
+    )
+    g.add_argument(
+        "--list-blocks",
+        action="store_true",
+        help="print the block names of --arch (for --dataset) with their parameter counts and exit",
+    )
 
-_NOT_CONFIG = {"command", "subparser", "out", "resume", "overwrite", "preset", "sync_bn", "print_config"}
+_NOT_CONFIG = {"command", "subparser", "out", "resume", "overwrite", "preset", "sync_bn", "print_config", "list_blocks"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,7 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_corruption_arguments(p_eval)
     p_eval.add_argument("--which", choices=("model", "revision", "both"), default="model")
     p_eval.add_argument("--eval-samples", type=int, help="deterministic subset of the test split")
-    p_eval.add_argument("--eps", type=float, help="L-inf radius (default: the one the run trained with)")
+    p_eval.add_argument("--eps", type=float, help="radius (default: the one the run trained with)")
+    p_eval.add_argument(
+        "--norm", choices=("linf", "l2"), help="threat model (default: the run's; a changed norm needs --eps)"
+    )
     p_eval.add_argument("--batch-size", type=int, default=256)
     p_eval.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p_eval.add_argument("--data-root", help="dataset root (default: the run's)")
@@ -293,10 +327,10 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
     from cure.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_model
-    from cure.config import TrainConfig
+    from cure.config import TrainConfig, default_radius
     from cure.data import DATASETS, deterministic_subset, load_split
     from cure.evaluation import ATTACKS, attack_settings, evaluate
-    from cure.train import nrr, select_device
+    from cure.train import NORM_TITLES, nrr, select_device
 
     for name in args.attacks:
         if name not in ATTACKS:
@@ -305,8 +339,10 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--eval-samples must be at least 1, got {args.eval_samples}")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.eps is not None and not 0 <= args.eps <= 1:
-        parser.error(f"--eps must lie in [0, 1], got {args.eps}")
+    if args.eps is not None and args.norm != "l2" and not 0 <= args.eps <= 1:
+        parser.error(f"--eps must lie in [0, 1], got {args.eps} (an L2 radius needs --norm l2)")
+    if args.eps is not None and args.eps < 0:
+        parser.error(f"--eps must be >= 0, got {args.eps}")
     try:
         device = select_device(args.device)
         state = load_checkpoint(args.checkpoint)
@@ -321,7 +357,12 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         whiches = ("model",)
     del state
     spec = DATASETS[cfg.dataset]
-    eps = args.eps if args.eps is not None else (cfg.eps if cfg.eps is not None else spec.eps)
+    norm = args.norm or cfg.norm
+    if norm != cfg.norm and args.eps is None:
+        parser.error(f"--norm {norm}: the run trained in {cfg.norm}, so its eps does not apply; give --eps")
+    eps = args.eps if args.eps is not None else cfg.eps
+    if eps is None:
+        eps = default_radius(cfg.dataset, norm)[0]
     images, labels = load_split(cfg.dataset, args.data_root or cfg.data_root, train=False, download=False)
     if args.eval_samples is not None and args.eval_samples < len(labels):
         images, labels = deterministic_subset(images, labels, args.eval_samples, seed=cfg.data_seed)
@@ -340,6 +381,7 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             progress=args.progress,
             seed=args.seed,
             protocol=protocol,
+            norm=norm,
         )
         row: dict[str, float] = {f"{k}_acc": v for k, v in res.items()}
         if "nat" in res:
@@ -363,7 +405,7 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     keys = [k for k in titles if any(k in r for r in results.values())]
     print(
         f"{args.checkpoint}: {cfg.method} on {cfg.dataset} ({cfg.arch}), {len(labels)} test images, "
-        f"L-inf eps {eps:.4g}, {protocol} evaluation protocol; accuracies in %"
+        f"{NORM_TITLES[norm]} eps {eps:.4g}, {protocol} evaluation protocol; accuracies in %"
     )
     print(f"{'model':<9}" + "".join(f"{titles[k]:>10}" for k in keys))
     for which, row in results.items():
@@ -376,6 +418,7 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         except json.JSONDecodeError:
             existing = {}
     existing[args.checkpoint.name] = {
+        "norm": norm,
         "eps": eps,
         "test_images": int(len(labels)),
         "attacks": list(args.attacks),
@@ -606,8 +649,34 @@ def _eval_corruptions(args: argparse.Namespace, parser, severities: tuple[int, .
     return 0
 
 
+def _list_blocks(argv: list[str]) -> int:
+    """``cure train --arch A [--dataset D] --list-blocks``: the block names for --freeze / --reinit."""
+    import torch
+
+    from cure.data import DATASETS
+    from cure.models import ARCHS, build_model, model_blocks
+
+    parser = argparse.ArgumentParser(prog="cure train --list-blocks", add_help=False)
+    parser.add_argument("--arch", default="cnn")
+    parser.add_argument("--dataset", default="fashion-mnist")
+    args, _ = parser.parse_known_args(argv)
+    if args.arch not in ARCHS:
+        parser.error(f"--arch must be one of {', '.join(ARCHS)}; got {args.arch!r}")
+    if args.dataset not in DATASETS:
+        parser.error(f"--dataset must be one of {', '.join(DATASETS)}; got {args.dataset!r}")
+    with torch.device("meta"):  # parameter counts only, no memory
+        blocks = model_blocks(build_model(args.arch, DATASETS[args.dataset]))
+    print(f"blocks of {args.arch} for {args.dataset} (in forward order; use with --freeze / --reinit):")
+    for name, block in blocks.items():
+        print(f"  {name:<8} {sum(q.numel() for q in block.parameters()):>12,} parameters")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"] and "--list-blocks" in argv:  # needs no --out: answered before parsing
+        return _list_blocks(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "train":
         return _train(args, args.subparser)

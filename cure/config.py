@@ -31,6 +31,16 @@ Sources of the published values:
   take the official code's ("piecewise"). When ``epochs`` is set explicitly and ``lr_milestones`` is
   not, the preset's milestones are scaled to the same fractions of the new epoch count (100 and 150 of
   200 become 25 and 37 of 50). "cosine" is available as an alternative.
+* **MART** (Wang et al., ICLR 2020, "Improving adversarial robustness requires revisiting misclassified
+  examples") -- beta = 6, the value of its CIFAR-10 experiments and the default of ``mart_loss`` in the
+  authors' released code (github YisenWang/MART, mart.py); applied to ``--method mart`` unless beta is set
+  explicitly (:data:`METHOD_BETA`).
+* **L2 threat model** (``norm="l2"``, :data:`L2_RADII`) -- the official CURE code has an L2 attack
+  (``--distance l_2``) but no L2 radius of its own (its ``--epsilon`` default 0.031 is the L-inf one), so
+  for 32x32 RGB data we take the RobustBench / TRADES convention eps = 0.5; for Fashion-MNIST we choose
+  eps = 1.5 (the L2 radii used for 28x28 grayscale digits and clothes lie between 1.5 and 2.0; the smaller
+  end because Fashion-MNIST is the harder of the two). The step is eps / 4 as for L-inf. They replace a
+  preset's L-inf eps and step size unless those are set explicitly.
 
 Every resolved value has a source ("default", a method default, a preset name or "command line");
 :func:`resolve_config_with_sources` returns them and ``cure train --print-config`` prints them.
@@ -53,14 +63,16 @@ __all__ = [
     "PRESETS",
     "Preset",
     "ConfigError",
+    "L2_RADII",
     "TrainConfig",
     "default_preset_name",
+    "default_radius",
     "resolve_config",
     "resolve_config_with_sources",
     "scale_milestones",
 ]
 
-METHODS = ("st", "at", "trades", "cure")
+METHODS = ("st", "at", "trades", "cure", "mart")
 MASK_MODES = ("grad", "update")
 LR_SCHEDULES = ("piecewise", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
@@ -99,7 +111,7 @@ class TrainConfig:
     """One training run. Accuracies are reported in percent; fractions live in [0, 1]."""
 
     # --- what to train
-    method: str = "cure"  # st (natural), at (Madry), trades, cure
+    method: str = "cure"  # st (natural), at (Madry), trades, cure, mart (Wang et al. 2020)
     dataset: str = "fashion-mnist"
     arch: str = "cnn"
     preset: str | None = None  # name of the preset the defaults came from (recorded; see PRESETS)
@@ -114,9 +126,10 @@ class TrainConfig:
     lr_milestones: tuple[int, ...] | None = None
     lr_decay: float = 0.1
     # --- threat model and inner maximisation (None: the dataset's usual values)
-    eps: float | None = None  # L-inf radius, inputs in [0, 1]
+    eps: float | None = None  # radius of the norm ball, inputs in [0, 1]
     step_size: float | None = None  # PGD step eta
     attack_steps: int = 10  # K
+    norm: str = "linf"  # threat model of training and evaluation: linf or l2 (defaults in L2_RADII)
     # --- losses
     beta: float = 5.0  # TRADES / CURE KL weight (Eq. 5); resolve_config sets METHOD_BETA[method]
     gamma: float = 1.0  # consistency weight of L_CR (Eq. 8)
@@ -135,6 +148,9 @@ class TrainConfig:
     init: str | None = None  # checkpoint (e.g. DIR/last.pt of `cure train --method st`) to start from
     warmup_epochs: int = 0  # CURE-Eff: the first N epochs are natural training, inside `epochs`
     from_scratch: bool = False  # CURE from random weights on purpose (no init, no warm-up)
+    # --- layer study (paper section 3): block names of cure.models.model_blocks, applied after `init`
+    reinit: tuple[str, ...] = ()  # blocks returned to a fresh initialisation before training
+    freeze: tuple[str, ...] = ()  # blocks left out of training (requires_grad False, not in the optimizer)
     # --- data
     data_root: str = "data"
     download: bool = False
@@ -183,13 +199,14 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown configuration field(s) {unknown}; known: {sorted(known)}")
         values = dict(values)
-        for key in ("lr_milestones", "eval_attacks"):
+        for key in ("lr_milestones", "eval_attacks", "reinit", "freeze"):
             if values.get(key) is not None:
                 values[key] = tuple(values[key])
         return cls(**values)
 
     def validate(self) -> TrainConfig:
         """Check every value; raise :class:`ConfigError` naming the first bad field. Returns self."""
+        from cure.attacks import NORMS
         from cure.data import DATASETS
         from cure.evaluation import ATTACKS
         from cure.models import ARCHS
@@ -197,6 +214,7 @@ class TrainConfig:
         _choice("method", self.method, METHODS)
         _choice("dataset", self.dataset, tuple(DATASETS))
         _choice("arch", self.arch, tuple(ARCHS))
+        _choice("norm", self.norm, NORMS)
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("mask_mode", self.mask_mode, MASK_MODES)
         _choice("device", self.device, DEVICES)
@@ -218,10 +236,10 @@ class TrainConfig:
                     f"lr_milestones must be strictly increasing, got {list(self.lr_milestones)}"
                 )
         if self.eps is not None:
-            _fraction("eps", self.eps)
+            _fraction("eps", self.eps) if self.norm == "linf" else _positive("eps", self.eps)
         if self.step_size is not None:
             _positive("step_size", self.step_size)
-            if self.step_size > 1:
+            if self.step_size > 1 and self.norm == "linf":
                 raise ConfigError(
                     f"step_size must be at most 1 (inputs are in [0, 1]), got {self.step_size!r}"
                 )
@@ -259,6 +277,7 @@ class TrainConfig:
         if self.eval_samples is not None:
             _int("eval_samples", self.eval_samples, low=1)
         _int("data_seed", self.data_seed, low=0)
+        _check_blocks(self)
         if not self.eval_attacks:
             raise ConfigError("eval_attacks must name at least one attack, e.g. nat,pgd20")
         for name in self.eval_attacks:
@@ -516,8 +535,60 @@ def resolve_config_with_sources(
     sources.update(dict.fromkeys(overrides, "command line"))
     values.setdefault("dataset", dataset)
     values.setdefault("arch", arch)
+    _norm_defaults(values, overrides, sources)
     cfg = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()})
     return cfg.validate(), sources
+
+
+#: L2 radius per dataset (inputs in [0, 1]) when norm is "l2" and eps is not given; step eps / 4.
+#: 32x32 RGB: the RobustBench / TRADES L2 convention 0.5; Fashion-MNIST: our choice 1.5 (module docstring).
+L2_RADII: dict[str, float] = {"cifar10": 0.5, "cifar100": 0.5, "svhn": 0.5, "fashion-mnist": 1.5}
+
+
+def default_radius(dataset: str, norm: str) -> tuple[float, float]:
+    """(eps, step size) of the dataset's usual threat model in ``norm``: the L-inf ones of
+    :data:`cure.data.DATASETS`, or :data:`L2_RADII` with step eps / 4."""
+    from cure.data import DATASETS
+
+    if norm == "l2":
+        eps = L2_RADII[dataset]
+        return eps, eps / 4
+    spec = DATASETS[dataset]
+    return spec.eps, spec.step_size
+
+
+def _norm_defaults(values: dict[str, Any], overrides: dict[str, Any], sources: dict[str, str]) -> None:
+    """For ``norm="l2"``, the L2 radius and step (:data:`L2_RADII`) in place of a preset's L-inf ones;
+    explicit overrides always win."""
+    if values.get("norm", TrainConfig.norm) == "l2" and values["dataset"] in L2_RADII:
+        eps, _ = default_radius(values["dataset"], "l2")
+        if "eps" not in overrides:
+            values["eps"] = eps
+            sources["eps"] = f"L2 radius for {values['dataset']} (L2_RADII)"
+        if "step_size" not in overrides:
+            values["step_size"] = values["eps"] / 4
+            sources["step_size"] = "eps / 4"
+
+
+def _check_blocks(cfg: TrainConfig) -> None:
+    """freeze / reinit name blocks of the (already checked) architecture, and something is left to train."""
+    from cure.models import block_names, check_block_names
+
+    if not (cfg.freeze or cfg.reinit):
+        return
+    for option in ("reinit", "freeze"):
+        names = getattr(cfg, option)
+        if isinstance(names, str) or not isinstance(names, (tuple, list)):
+            raise ConfigError(f"{option} must be a list of block names, got {names!r}")
+        try:
+            check_block_names(cfg.arch, names, option)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+    if set(cfg.freeze) == set(block_names(cfg.arch)):
+        raise ConfigError(
+            f"freeze names every block of {cfg.arch} ({', '.join(cfg.freeze)}): nothing would be trained; "
+            f"leave at least one block out of --freeze"
+        )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,15 +5,16 @@
     res  # {"nat": 86.1, "pgd20": 54.3, "aa": 49.2}  (percent)
     nrr(res["nat"], res["pgd20"])
 
-Attacks (all L-inf, radius ``eps``, default the dataset's usual one, 8/255 for CIFAR and SVHN), under
-protocol "ours" (the default):
+Attacks (all in the ``norm`` ball, L-inf by default or L2, of radius ``eps``, default the dataset's usual
+one: 8/255 L-inf for CIFAR and SVHN, see :func:`cure.config.default_radius` for L2), under protocol "ours"
+(the default):
 
 * ``nat``: no attack.
 * ``pgd20`` / ``pgd100``: PGD on the cross-entropy, 20 / 100 steps of size eps/4 (2/255 at 8/255), from a
   uniform random start in the ball.
 * ``cw``: PGD-30 on the C&W margin loss max_{j != y} z_j - z_y, step size eps/4, random start.
 * ``aa``: AutoAttack, version 'standard' (APGD-CE, APGD-T, FAB-T, Square; Croce & Hein 2020), run with
-  the original authors' code (PyPI package ``pyautoattack``), norm 'Linf'.
+  the original authors' code (PyPI package ``pyautoattack``), norm 'Linf' or 'L2'.
 
 Protocol "official" reproduces the official CURE evaluation (its ``test.py`` calls
 ``eval_adv_robustness`` of ``utilities/adv_utils.py`` with eps 8/255, 20 steps, step 0.003, random start):
@@ -138,8 +139,9 @@ def _autoattack(
     seed: int,
     channels_last: bool,
     progress: bool,
+    norm: str = "linf",
 ) -> Tensor:
-    """Number of samples (a device tensor) AutoAttack 'standard' (L-inf, ``eps``) fails to flip."""
+    """Number of samples (a device tensor) AutoAttack 'standard' (L-inf or L2, ``eps``) fails to flip."""
     try:
         from pyautoattack import AutoAttack
     except ImportError as exc:  # pragma: no cover - installed with the "train" extra
@@ -147,7 +149,8 @@ def _autoattack(
             "the 'aa' attack needs the original AutoAttack code: pip install pyautoattack"
         ) from exc
 
-    adversary = AutoAttack(model, norm="Linf", eps=float(eps), version="standard", seed=seed, device=device)
+    aa_norm = {"linf": "Linf", "l2": "L2"}[norm]
+    adversary = AutoAttack(model, norm=aa_norm, eps=float(eps), version="standard", seed=seed, device=device)
     chunk = batch_size * AA_CHUNK_BATCHES
     robust = torch.zeros((), dtype=torch.int64, device=device)
     devices = [device] if device.type == "cuda" else []
@@ -179,6 +182,7 @@ def evaluate(
     progress: bool = True,
     seed: int = 0,
     protocol: str = "ours",
+    norm: str = "linf",
 ) -> dict[str, float]:
     """Accuracy in percent of ``model`` on (images, labels) under each of ``attacks``.
 
@@ -193,11 +197,12 @@ def evaluate(
             standard, L-inf).
         batch_size: images per forward/attack batch.
         device: where the model lives and the attacks run.
-        eps: L-inf radius; default ``spec.eps``.
+        eps: radius of the ``norm`` ball; default the dataset's usual one (``spec.eps`` for L-inf).
         progress: show a tqdm bar.
         seed: seeds the PGD random starts and AutoAttack.
         protocol: "ours" or "official" (the official code's step 0.003 and clamped C&W margin; see the
             module docstring and :func:`attack_settings`).
+        norm: "linf" or "l2" (L2: normalised-gradient PGD steps and AutoAttack's 'L2' version).
 
     Returns:
         {attack: accuracy in percent} in the order of ``attacks``.
@@ -222,9 +227,20 @@ def evaluate(
         raise ValueError("evaluate needs at least one image, got 0")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    eps = float(spec.eps if eps is None else eps)
-    if not 0 <= eps <= 1:
+    if norm not in ("linf", "l2"):
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    if eps is None:
+        from cure.config import default_radius
+
+        eps = default_radius(spec.name, norm)[0] if norm == "l2" else spec.eps
+    eps = float(eps)
+    if norm == "linf" and not 0 <= eps <= 1:
         raise ValueError(f"eps must lie in [0, 1], got {eps}")
+    if norm == "l2" and not (eps >= 0 and eps < float("inf")):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    if norm == "l2" and protocol == "official":
+        raise ValueError("protocol 'official' reproduces the official L-inf evaluation; use protocol 'ours' "
+                         "with norm 'l2'")
     settings = attack_settings(attacks, eps, protocol)
     device = torch.device(device)
     channels_last = _uses_channels_last(model)
@@ -252,7 +268,7 @@ def evaluate(
                     if name == "nat":
                         x_eval = x
                     else:
-                        x_eval = pgd(model, x, y, norm="linf", generator=generator, **settings[name])
+                        x_eval = pgd(model, x, y, norm=norm, generator=generator, **settings[name])
                     with torch.no_grad():
                         correct[name] += (model(x_eval).argmax(dim=1) == y).sum()
         if "aa" in attacks:
@@ -266,6 +282,7 @@ def evaluate(
                 seed=seed,
                 channels_last=channels_last,
                 progress=progress,
+                norm=norm,
             )
         counts = torch.stack([correct[name] for name in attacks]).tolist()  # the one host read
     finally:

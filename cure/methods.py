@@ -1,4 +1,4 @@
-"""One training step per method: ST, AT (Madry), TRADES and CURE (with its ablations).
+"""One training step per method: ST, AT (Madry), TRADES, MART and CURE (with its ablations).
 
 Notation: f is the network (logits), p(x) = softmax(f(x)), CE the cross-entropy, and
 KL(q || p) = sum_c q_c (log q_c - log p_c), averaged over the batch ("batchmean"). Softmax, KL and CE
@@ -8,6 +8,9 @@ are computed in float32 even when the forward passes run under bfloat16 autocast
 * **at** (Madry et al.):            x_adv = PGD-CE(x) from a uniform random start;  L = CE(f(x_adv), y)
 * **trades** (Zhang et al.):        x_adv = argmax KL(p(x) || p(x')) (K signed steps from x + 0.001 N(0, I));
   L = CE(f(x), y) + beta * KL(p(x) || p(x_adv))
+* **mart** (Wang et al., ICLR 2020):  x_adv = PGD-CE(x) from x + 0.001 N(0, I) (the authors' code);
+  L = CE(f(x_adv), y) - log(1 - max_{k != y} p_k(x_adv))
+      + beta * mean_i KL(p(x_i) || p(x_adv_i)) * (1 - p_y(x_i))   (see :func:`mart_loss`)
 * **cure** (docs/method.md, paper Eqs. 4-8), with theta_rev the revision model:
   x_adv as in TRADES (Eq. 4); L_adv = CE(f(x), y) + beta * KL(p(x) || p(x_adv)) (Eq. 5);
   L_CR = KL(p_rev(x) || p(x)) + KL(p_rev(x_adv) || p(x_adv)) (Eq. 8); L = L_adv + gamma * L_CR.
@@ -67,7 +70,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from cure.attacks import pgd, trades_pgd
+from cure.attacks import mart_pgd, pgd, trades_pgd
 from cure.config import TrainConfig
 from cure.distributed import DistributedContext, all_reduce_mean_
 from cure.revision import RevisionModel
@@ -83,6 +86,8 @@ __all__ = [
     "madry_step",
     "trades_step",
     "cure_step",
+    "mart_loss",
+    "mart_step",
 ]
 
 
@@ -239,6 +244,7 @@ def madry_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
             eps=ctx.eps,
             step_size=ctx.step_size,
             steps=cfg.attack_steps,
+            norm=cfg.norm,
             loss="ce",
             random_start=True,
             generator=ctx.attack_generator,
@@ -267,6 +273,7 @@ def trades_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
             eps=ctx.eps,
             step_size=ctx.step_size,
             steps=cfg.attack_steps,
+            norm=cfg.norm,
             generator=ctx.attack_generator,
         )
     buffers = _train_mode(ctx)
@@ -356,6 +363,7 @@ def cure_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
             eps=ctx.eps,
             step_size=ctx.step_size,
             steps=cfg.attack_steps,
+            norm=cfg.norm,
             generator=ctx.attack_generator,
         )
     # 2. Losses, model in train mode.
@@ -422,6 +430,56 @@ def cure_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
     )
 
 
+def mart_loss(logits_nat: Tensor, logits_adv: Tensor, y: Tensor, beta: float) -> Tensor:
+    """MART's training loss (Wang et al., ICLR 2020), in float32, averaged over the batch:
+
+        BCE(p(x'), y) + beta * mean_i KL(p(x_i) || p(x'_i)) * (1 - p_y(x_i)),
+        BCE(p(x'), y) = CE(f(x'), y) - log(1 - max_{k != y} p_k(x'))      (boosted cross-entropy),
+
+    KL summed over classes per example. log(1 - p_k) is computed as logsumexp_{j != k} log p_j (no
+    clamping constants, finite however confident the model is) and 1 - p_y as -expm1(log p_y). The most
+    likely wrong class k is chosen without gradient; gradients flow into both logits, the weight
+    1 - p_y(x) included, as in the paper and the authors' code.
+    """
+    log_p_nat = F.log_softmax(logits_nat.float(), dim=1)
+    log_p_adv = F.log_softmax(logits_adv.float(), dim=1)
+    labels = y[:, None]
+    wrong = log_p_adv.detach().scatter(1, labels, float("-inf")).argmax(dim=1, keepdim=True)
+    log_one_minus_wrong = log_p_adv.scatter(1, wrong, float("-inf")).logsumexp(dim=1)
+    boosted_ce = F.nll_loss(log_p_adv, y) - log_one_minus_wrong.mean()
+    kl = F.kl_div(log_p_adv, log_p_nat, reduction="none", log_target=True).sum(dim=1)
+    one_minus_true = -torch.expm1(log_p_nat.gather(1, labels).squeeze(1))
+    return boosted_ce + beta * (kl * one_minus_true).mean()
+
+
+def mart_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
+    """MART: x_adv = PGD-CE from x + 0.001 N(0, I); SGD on :func:`mart_loss` (weight ``cfg.beta``)."""
+    cfg = ctx.cfg
+    with ctx.autocast():
+        x_adv = mart_pgd(
+            ctx.model,
+            x,
+            y,
+            eps=ctx.eps,
+            step_size=ctx.step_size,
+            steps=cfg.attack_steps,
+            norm=cfg.norm,
+            generator=ctx.attack_generator,
+        )
+    buffers = _train_mode(ctx)
+    ctx.zero_grad()
+    with ctx.autocast():
+        logits_nat = ctx.model(x)
+        logits_adv = ctx.model(x_adv)
+    loss = mart_loss(logits_nat, logits_adv, y, cfg.beta)
+    loss.backward()
+    loss = _reduce(ctx, loss)
+    bad = ~torch.isfinite(loss)
+    _apply_update(ctx, bad, buffers)
+    zero = _zero(ctx)
+    return StepResult(loss, _correct(logits_nat, y), _correct(logits_adv, y), bad, zero + 1, zero)
+
+
 def build_step_context(
     cfg: TrainConfig,
     module: nn.Module,
@@ -440,19 +498,20 @@ def build_step_context(
     first real step then gives buf = 0.9 * 0 + g = g, as PyTorch's first step does.
     """
     device = next(module.parameters()).device
+    trainable = [q for q in module.parameters() if q.requires_grad]  # frozen blocks stay out (cfg.freeze)
     optimizer = torch.optim.SGD(
-        module.parameters(),
+        trainable,
         lr=cfg.lr,
         momentum=cfg.momentum,
         nesterov=False,
         weight_decay=cfg.weight_decay,
         fused=True,
     )
-    for q in module.parameters():
+    for q in trainable:
         optimizer.state[q]["momentum_buffer"] = torch.zeros_like(q, memory_format=torch.preserve_format)
     masker = None
     if cfg.uses_mask:
-        masker = ProminenceMasker(module.parameters(), alpha=cfg.alpha, p=cfg.p, backend=cfg.kernel_backend)
+        masker = ProminenceMasker(trainable, alpha=cfg.alpha, p=cfg.p, backend=cfg.kernel_backend)
     revision = revision_forward = None
     if cfg.uses_revision:
         revision = RevisionModel(
@@ -483,4 +542,5 @@ STEP_FUNCTIONS: dict[str, Callable[[StepContext, Tensor, Tensor], StepResult]] =
     "at": madry_step,
     "trades": trades_step,
     "cure": cure_step,
+    "mart": mart_step,
 }

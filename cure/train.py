@@ -62,7 +62,7 @@ from cure.checkpoint import (
     load_checkpoint,
     restore_rng,
 )
-from cure.config import RESUMABLE_OVERRIDES, ConfigError, TrainConfig
+from cure.config import RESUMABLE_OVERRIDES, ConfigError, TrainConfig, default_radius
 from cure.distributed import DistributedContext, all_reduce_sum_, broadcast_object
 from cure.evaluation import attack_settings, nrr
 from cure.methods import STEP_FUNCTIONS, StepResult, build_step_context
@@ -77,6 +77,7 @@ __all__ = [
     "OUTPUT_NAMES",
     "METRIC_COLUMNS",
     "RunState",
+    "apply_block_options",
 ]
 
 #: What a run writes into its directory (``--overwrite`` removes exactly these).
@@ -352,6 +353,7 @@ def _evaluate(
                 progress=progress,
                 seed=seed,
                 protocol=cfg.eval_protocol,
+                norm=cfg.norm,
             )
     finally:
         module.train(was_training)
@@ -377,6 +379,20 @@ def _accuracy_fields(res: dict[str, float], prefix: str = "") -> dict[str, float
     return out
 
 
+def apply_block_options(module: nn.Module, cfg: TrainConfig, *, reinit: bool = True) -> None:
+    """The layer study (paper section 3) on a freshly built model, after ``cfg.init`` was loaded:
+    re-initialise the blocks ``cfg.reinit`` (when ``reinit``; a resumed run gets them from its checkpoint),
+    then freeze the blocks ``cfg.freeze``. Block names: :func:`cure.models.model_blocks`."""
+    from cure.data import DATASETS
+    from cure.models import freeze_blocks, reinit_blocks
+
+    if cfg.reinit and reinit:
+        seed = derived_seed(cfg.seed, "reinit")
+        reinit_blocks(module, cfg.reinit, arch=cfg.arch, spec=DATASETS[cfg.dataset], seed=seed)
+    if cfg.freeze:
+        freeze_blocks(module, cfg.freeze, arch=cfg.arch)
+
+
 # ------------------------------------------------------------------------------------------------
 class _Trainer:
     """Owns every piece of state of one run; :func:`train` drives it."""
@@ -399,8 +415,9 @@ class _Trainer:
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.spec = DATASETS[cfg.dataset]
-        self.eps = float(cfg.eps if cfg.eps is not None else self.spec.eps)
-        self.step_size = float(cfg.step_size if cfg.step_size is not None else self.spec.step_size)
+        default_eps, default_step = default_radius(cfg.dataset, cfg.norm)  # L-inf or L2 (cure.config)
+        self.eps = float(cfg.eps if cfg.eps is not None else default_eps)
+        self.step_size = float(cfg.step_size if cfg.step_size is not None else default_step)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         torch.manual_seed(cfg.seed)
@@ -422,6 +439,7 @@ class _Trainer:
         module = build_model(cfg.arch, self.spec)
         if cfg.init is not None and resume_state is None:
             self._load_init(module, cfg.init)
+        apply_block_options(module, cfg, reinit=resume_state is None)  # layer study: --reinit, --freeze
         if sync_bn and self.dist.enabled:
             if self.device.type != "cuda":
                 raise ConfigError(
@@ -833,8 +851,11 @@ def _summary(trainer: _Trainer, results: dict[str, Any]) -> dict[str, Any]:
         "mask_mode": cfg.mask_mode,
         "warmup_epochs": cfg.warmup_epochs,
         "init": cfg.init,
+        "reinit": list(cfg.reinit),
+        "freeze": list(cfg.freeze),
         "preset": cfg.preset,
         "seed": cfg.seed,
+        "norm": cfg.norm,
         "eps": trainer.eps,
         "step_size": trainer.step_size,
         "attack_steps": cfg.attack_steps,
@@ -870,6 +891,8 @@ def _summary(trainer: _Trainer, results: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+NORM_TITLES = {"linf": "L-inf", "l2": "L2"}
+
 _TABLE_COLUMNS = (
     ("nat", "Nat"),
     ("pgd20", "PGD-20"),
@@ -898,7 +921,8 @@ def results_table(summary: dict[str, Any]) -> str:
         ]
     title = (
         f"{summary['method'].upper()} on {summary['dataset']} ({summary['arch']}), "
-        f"{summary['test_images']} test images, L-inf eps {summary['eps']:.4g}; accuracies in %"
+        f"{summary['test_images']} test images, {NORM_TITLES[summary.get('norm', 'linf')]} eps "
+        f"{summary['eps']:.4g}; accuracies in %"
     )
     header = f"{'model':<9} {'epoch':<10}" + "".join(f"{t:>9}" for _, t in cols)
     lines = [title, header, "-" * len(header)]

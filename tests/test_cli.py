@@ -56,7 +56,7 @@ def _exit_code(argv, capsys) -> tuple[int, str]:
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--method", "mart"], "invalid choice: 'mart'"),
+        (["--method", "madry"], "invalid choice: 'madry'"),
         (["--dataset", "imagenet"], "dataset must be one of"),
         (["--arch", "vgg16"], "arch must be one of"),
         (["-p", "1.5"], "p must lie in [0, 1], got 1.5"),

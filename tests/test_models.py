@@ -94,8 +94,8 @@ def test_any_input_size_and_channel_count():
 
 
 def test_unknown_arch_lists_choices():
-    assert ARCHS == ("cnn", "resnet18", "preact-resnet18", "wrn-34-10")
-    with pytest.raises(ValueError, match="cnn, resnet18, preact-resnet18, wrn-34-10"):
+    assert ARCHS == ("cnn", "resnet18", "preact-resnet18", "wrn-34-10", "resnet20")
+    with pytest.raises(ValueError, match="cnn, resnet18, preact-resnet18, wrn-34-10, resnet20"):
         build_model("vgg16", CIFAR10)
 
 
