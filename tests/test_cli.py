@@ -92,7 +92,7 @@ def test_existing_output_needs_resume_or_overwrite(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.json").write_text("{}")
-    code, err = _exit_code(["train", "--out", str(out), *FAST], capsys)
+    code, err = _exit_code(["train", "--method", "st", "--out", str(out), *FAST], capsys)
     assert code == 2 and "already exists" in err and "--resume" in err and "--overwrite" in err
     code, err = _exit_code(["train", "--out", str(out), "--resume", *FAST], capsys)
     assert code == 2 and "last.pt" in err
