@@ -197,7 +197,8 @@ def test_mart_beta_default_and_override():
     assert METHOD_BETA["mart"][0] == 6.0
     assert resolve_config({"method": "mart"}).beta == 6.0
     assert resolve_config({"method": "mart", "beta": 2.0}).beta == 2.0
-    assert resolve_config({"method": "trades"}).beta == resolve_config({"method": "cure"}).beta  # untouched
+    for method in ("trades", "cure"):  # the other methods keep their own value
+        assert resolve_config({"method": method}).beta == METHOD_BETA[method][0]
 
 
 # ------------------------------------------------------------------------------------------------
