@@ -271,7 +271,7 @@ def test_cpu_flat_buffer_views_and_opcheck():
     flats = [torch.randn(sum(sizes), generator=torch.Generator().manual_seed(14 + j)) for j in range(6)]
     lists = [list(f.split(sizes)) for f in flats]
     _assert_backend_matches_reference("cpu", lists, mask_mode="grad")
-    torch.library.opcheck(torch.ops.cure.rgp_sgd_step, (*_opcheck_args("cpu"), None))
+    torch.library.opcheck(torch.ops.cure.rgp_sgd_step, _opcheck_args("cpu"))
 # --- Triton: skip= and the sampling bracket --------------------------------------------------------------
 @needs_triton
 @pytest.mark.parametrize("device", TRITON_DEVICES)
