@@ -11,6 +11,8 @@ Per epoch: training metrics (loss, natural and adversarial accuracy on the train
 fraction of gradient entries the mask kept, skipped steps, non-finite prominence scores, revision
 updates), validation accuracy (natural and PGD-20) of the model and of the revision model, one row of
 ``metrics.csv``, TensorBoard scalars, ``last.pt`` and, when validation PGD-20 improves, ``best.pt``.
+Per-layer statistics (kept fraction, mean |dL_nat/dw| and |dL_rob/dw|, update norm per parameter tensor)
+accumulate on the device and go to ``layer_stats.csv`` and TensorBoard ``layers/*`` (:mod:`cure.layer_stats`).
 
 The step itself never waits for the host: losses, accuracies and fault counters accumulate on the
 device and are read every ``log_every`` steps (progress bar, TensorBoard, the skipped-step check).

@@ -172,3 +172,21 @@ def test_run_resume_tensorboard_and_plot(tmp_path, tiny_config, capsys):
     assert main(["plot", str(run), "--out", str(figures)]) == 0
     layers_png = figures / "layers_cure_run.png"
     assert layers_png.is_file() and layers_png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_run_state_checkpoints_the_layer_sums_and_rows():
+    from cure.train import RunState
+
+    state = RunState.fresh(torch.device("cpu"))
+    assert state.layer_sums is None and state.layer_history == []
+    state.layer_sums = torch.arange(12, dtype=torch.float64).reshape(2, 6)
+    state.layer_history.append({"epoch": 1, "values": [[0.7, 1e-3, 2e-3, 0.5], [None, None, None, 0.25]]})
+    sections = state.to_checkpoint(state.sums)
+    back = RunState.from_checkpoint(sections, torch.device("cpu"))
+    assert torch.equal(back.layer_sums, state.layer_sums) and back.layer_history == state.layer_history
+    back.reset_epoch(torch.device("cpu"))
+    assert back.layer_sums is None and back.layer_history == state.layer_history  # the rows outlive the epoch
+    # Checkpoints written before the per-layer statistics existed still load (no rows, no sums yet).
+    del sections["trainer"]["layer_sums"], sections["trainer"]["layer_history"]
+    old = RunState.from_checkpoint(sections, torch.device("cpu"))
+    assert old.layer_sums is None and old.layer_history == []
