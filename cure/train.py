@@ -11,6 +11,8 @@ Per epoch: training metrics (loss, natural and adversarial accuracy on the train
 fraction of gradient entries the mask kept, skipped steps, non-finite prominence scores, revision
 updates), validation accuracy (natural and PGD-20) of the model and of the revision model, one row of
 ``metrics.csv``, TensorBoard scalars, ``last.pt`` and, when validation PGD-20 improves, ``best.pt``.
+Per-layer statistics (kept fraction, mean |dL_nat/dw| and |dL_rob/dw|, update norm per parameter tensor)
+accumulate on the device and go to ``layer_stats.csv`` and TensorBoard ``layers/*`` (:mod:`cure.layer_stats`).
 
 The step itself never waits for the host: losses, accuracies and fault counters accumulate on the
 device and are read every ``log_every`` steps (progress bar, TensorBoard, the skipped-step check).
@@ -65,6 +67,7 @@ from cure.checkpoint import (
 from cure.config import RESUMABLE_OVERRIDES, ConfigError, TrainConfig, default_radius
 from cure.distributed import DistributedContext, all_reduce_sum_, broadcast_object
 from cure.evaluation import attack_settings, nrr
+from cure.layer_stats import LayerStats, write_layer_stats
 from cure.methods import STEP_FUNCTIONS, StepResult, build_step_context
 
 __all__ = [
@@ -84,6 +87,7 @@ __all__ = [
 OUTPUT_NAMES = (
     "config.json",
     "metrics.csv",
+    "layer_stats.csv",
     "summary.json",
     "last.pt",
     "best.pt",
@@ -151,6 +155,14 @@ class RunState:
     epoch_revisions: int = _value(0, "trainer", per_epoch=True)
     epoch_seconds: float = _value(0.0, "trainer", per_epoch=True)
     reported_skipped: int = _value(0, "trainer", per_epoch=True)  # skipped steps already warned about
+    # Per-layer statistics (cure.layer_stats): the finished epochs' rows and the current epoch's device sums
+    # (created at the epoch's first step). Optional: checkpoints written before they existed lack them.
+    layer_history: list[dict[str, Any]] = field(
+        default_factory=list, metadata={"section": "trainer", "per_epoch": False, "optional": True}
+    )
+    layer_sums: Tensor | None = field(
+        default=None, metadata={"section": "trainer", "per_epoch": True, "kind": "layer_sums", "optional": True}
+    )
 
     @classmethod
     def fresh(cls, device: torch.device) -> RunState:
@@ -182,6 +194,8 @@ class RunState:
                 value = global_sums.detach().cpu()
             elif kind == "counter":
                 value = int(value)
+            elif kind == "layer_sums":
+                value = None if value is None else value.detach().cpu()
             elif isinstance(value, (list, dict)):
                 value = copy.deepcopy(value)
             out[f.metadata["section"]][f.name] = value
@@ -193,6 +207,8 @@ class RunState:
         values: dict[str, Any] = {}
         for f in fields(cls):
             section = state[f.metadata["section"]]
+            if f.name not in section and f.metadata.get("optional"):
+                continue  # the dataclass default
             if f.name not in section:
                 raise CheckpointError(f"the checkpoint's {f.metadata['section']!r} section lacks {f.name!r}")
             value = section[f.name]
@@ -201,6 +217,8 @@ class RunState:
                 value = value.to(device=device, dtype=torch.float64)
             elif kind == "counter":
                 value = torch.tensor(int(value), dtype=torch.int64, device=device)
+            elif kind == "layer_sums":
+                value = None if value is None else value.to(device=device, dtype=torch.float64)
             elif f.type in ("int", int):
                 value = int(value)
             elif f.type in ("float", float):
@@ -469,6 +487,7 @@ class _Trainer:
         self.revision = self.ctx.revision
         self.attack_generator = self.ctx.attack_generator
         self.revision_generator = self.ctx.revision_generator
+        self.layer_stats = LayerStats(module)  # per-layer statistics -> layer_stats.csv
         self.lr_factor = _lr_factor(cfg, self.steps_per_epoch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
 
@@ -599,6 +618,9 @@ class _Trainer:
         st = self.state
         st.consecutive_skipped = (st.consecutive_skipped + 1) * result.skipped.long()
         st.max_consecutive_skipped = torch.maximum(st.max_consecutive_skipped, st.consecutive_skipped)
+        if st.layer_sums is None:
+            st.layer_sums = self.layer_stats.zeros()
+        self.layer_stats.record(st.layer_sums, result, self.ctx.masker)
 
     def _sync(self, bar, writer) -> dict[str, float]:
         """Read the device counters (the only host synchronisation of the loop) and act on them."""
@@ -742,10 +764,13 @@ class _Trainer:
         self.state.total_skipped += int(sums["skipped"])
         self.state.train_seconds += self.state.epoch_seconds
         self.state.history.append(row)
+        layer_values = self.layer_stats.means(self.state.layer_sums)
+        self.state.layer_history.append({"epoch": row["epoch"], "values": layer_values})
         if writer is not None and self.dist.is_main:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "epoch":
                     writer.add_scalar(f"epoch/{key}", value, row["epoch"])
+            self.layer_stats.add_scalars(writer, row["epoch"], layer_values)
             writer.flush()
         # Model selection on the validation split: PGD-20 (natural accuracy breaks ties);
         # for ST natural accuracy.
@@ -758,6 +783,7 @@ class _Trainer:
         self.state.reset_epoch(self.device)
         if self.dist.is_main:
             _write_metrics(self.out / "metrics.csv", self.state.history)
+            write_layer_stats(self.out / "layer_stats.csv", self.layer_stats.names, self.state.layer_history)
         self.save("last.pt")
         if improved:
             self.save("best.pt")

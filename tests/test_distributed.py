@@ -192,7 +192,7 @@ def test_trainer_two_ranks_rank0_writes_and_resume_is_exact(tmp_path: Path) -> N
     _spawn(_worker_train, str(tmp_path))
     full, part = tmp_path / "full", tmp_path / "part"
     for run in (full, part):
-        for name in ("config.json", "metrics.csv", "summary.json", "last.pt", "best.pt"):
+        for name in ("config.json", "metrics.csv", "layer_stats.csv", "summary.json", "last.pt", "best.pt"):
             assert (run / name).is_file(), f"{run / name} missing"
     a, b = load_checkpoint(full / "last.pt"), load_checkpoint(part / "last.pt")
     assert a["distributed"]["world_size"] == WORLD
@@ -202,6 +202,9 @@ def test_trainer_two_ranks_rank0_writes_and_resume_is_exact(tmp_path: Path) -> N
     for key, value in a["revision"]["module"].items():
         assert torch.equal(value, b["revision"]["module"][key]), f"revision {key}"
     assert a["trainer"]["history"][0]["train_loss"] == b["trainer"]["history"][0]["train_loss"]
+    # Per-layer statistics from the all-reduced gradients, written by rank 0, exact across the resume.
+    assert (full / "layer_stats.csv").read_text() == (part / "layer_stats.csv").read_text()
+    assert a["trainer"]["layer_history"] == b["trainer"]["layer_history"]
     # the training accuracy counts all 64 images of both shards
     row = a["trainer"]["history"][0]
     assert 0 <= row["train_nat_acc"] <= 100

@@ -41,6 +41,8 @@ def _assert_same_run(a: Path, b: Path) -> None:
         assert {k: v for k, v in x.items() if k not in _TIMING} == {
             k: v for k, v in y.items() if k not in _TIMING
         }
+    # Per-layer statistics: the epoch sums are checkpointed, the finished epochs' rows rewritten from it.
+    assert (a / "layer_stats.csv").read_text() == (b / "layer_stats.csv").read_text()
     ja = json.loads((a / "summary.json").read_text())
     jb = json.loads((b / "summary.json").read_text())
     assert {k: v for k, v in ja.items() if k not in _TIMING} == {
