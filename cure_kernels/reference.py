@@ -1,7 +1,7 @@
 """Reference implementation of CURE's masking and revision ops: the oracle.
 
 Short and obviously correct, not fast. Every other backend (C++ CPU, Triton, CUDA) is tested
-against these functions bit for bit; see SPEC section 2 ("exact masking semantics").
+against these functions bit for bit; see docs/method.md, section 2 ("the masking contract").
 
 Robust Gradient Prominence (paper Eq. 6), per parameter tensor, elementwise::
 
@@ -48,7 +48,7 @@ def quantile_threshold(scores: torch.Tensor, p: float) -> float:
 
 
 def threshold_from_order_statistics(a: float, b: float, n: int, p: float) -> float:
-    """numpy's linear interpolation written out, given v[k] = a and v[k+1] = b (SPEC section 2).
+    """numpy's linear interpolation written out, given v[k] = a and v[k+1] = b (docs/method.md section 2).
 
     With h = (n - 1) * p in float64, k = floor(h) and g = h - k, the threshold is
     ``f32(a + d * f32(g))`` when g < 0.5 and ``f32(b - d * f32(1 - g))`` otherwise, where

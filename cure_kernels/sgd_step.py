@@ -1,6 +1,6 @@
 """The whole per-step parameter work of CURE as one op: conserve mask, SGD, revision EMA.
 
-:func:`rgp_sgd_step_` applies, per parameter tensor, the conserve step (paper Eq. 6, SPEC section 2),
+:func:`rgp_sgd_step_` applies, per parameter tensor, the conserve step (paper Eq. 6, docs/method.md section 2),
 the SGD update of ``torch.optim.SGD`` (momentum, weight decay, dampening 0, no Nesterov) and, when a
 revision list is given, the revision update (paper Eq. 7). Backends:
 
@@ -173,7 +173,7 @@ def rgp_sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], grads_nat: 
     Per tensor i, in float32 (bf16/fp16 upcast exactly), each product and sum rounded separately (no
     fused multiply-add), every stored value rounded to nearest-even into the tensor's dtype:
 
-    1. Conserve, exactly :func:`cure_kernels.rgp_mask_` (SPEC section 2):
+    1. Conserve, exactly :func:`cure_kernels.rgp_mask_` (docs/method.md section 2):
        ``s = f32(alpha)*|grads_nat| + f32(1 - alpha)*|grads_adv|``, ``thr = numpy.quantile(s, p)``,
        ``grads[s < thr] = 0`` (in place; ties at thr kept).
     2. Update, ``torch.optim.SGD`` with dampening 0 and no Nesterov, momentum buffers already created

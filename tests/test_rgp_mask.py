@@ -53,7 +53,7 @@ def test_scores_are_rounded_like_numpy_float32():
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("n", (1, 2, 5, 100, 1001))
 def test_written_out_formula_equals_numpy_quantile(kind, n):
-    """SPEC section 2's formula from the k-th and (k+1)-th order statistics reproduces numpy exactly."""
+    """The formula of docs/method.md section 2 from the k-th and (k+1)-th order statistics reproduces numpy exactly."""
     gen = torch.Generator().manual_seed(n)
     a, b = make_case(kind, n, gen)
     s = reference.rgp_scores(a, b, 0.3).numpy()

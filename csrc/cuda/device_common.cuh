@@ -87,7 +87,7 @@ __device__ __forceinline__ float rgp_score(float g_nat, float g_adv, float alpha
 // above +inf whatever its sign bit).
 __device__ __forceinline__ uint32_t score_key(float s) { return __float_as_uint(s) & 0x7fffffffu; }
 
-// numpy's linear interpolation between a = v[k] and b = v[k+1] (SPEC section 2), NaN/inf propagating
+// numpy's linear interpolation between a = v[k] and b = v[k+1] (docs/method.md section 2), NaN/inf propagating
 // as in numpy: d = f32(b - a); thr = f32(a + f32(d * w)) or, for g >= 0.5, f32(b - f32(d * w)).
 __device__ __forceinline__ float quantile_from_keys(uint32_t key_a, uint32_t key_b, float weight, bool upper) {
   const float a = __uint_as_float(key_a);

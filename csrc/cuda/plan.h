@@ -233,7 +233,7 @@ inline bool aligned16(const void* ptr) {
   return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0;
 }
 
-// numpy.quantile's 'linear' method for n > 0 sorted values v and fraction p (SPEC section 2):
+// numpy.quantile's 'linear' method for n > 0 sorted values v and fraction p (docs/method.md section 2):
 // h = (n - 1) * p in double, k = floor(h), g = h - k; a = v[k], b = v[k + 1] (both v[n - 1] when
 // k >= n - 1); thr = f32(a + d * f32(g)) if g < 0.5 else f32(b - d * f32(1 - g)), d = f32(b - a).
 struct QuantilePlan {
