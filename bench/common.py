@@ -64,13 +64,15 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, reps: int, warmup
 
 
 def git_sha() -> str:
-    """The short commit SHA of this checkout, with "-dirty" when tracked files have uncommitted changes."""
+    """The short commit SHA of this checkout, with "-dirty" when tracked files outside bench/results/ have
+    uncommitted changes."""
     cwd = os.path.dirname(os.path.abspath(__file__))
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=cwd).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=cwd).stdout.strip()
+        # Measured results are not sources: rewriting bench/results/ does not make the checkout dirty.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                ":(exclude,top)bench/results"], capture_output=True, text=True, cwd=cwd).stdout.strip()
     except OSError:
         return "unknown"
     if not sha:
