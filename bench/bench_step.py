@@ -63,15 +63,39 @@ def build_context(variant: str, arch: str, dataset: str, device: torch.device, b
     if device.type == "cuda":
         module = module.to(memory_format=torch.channels_last)
     ctx = build_step_context(cfg, module, eps=spec.eps, step_size=spec.step_size, attack_seed=0, revision_seed=0)
+    step = STEP_FUNCTIONS[cfg.method]
     if variant == OFFICIAL:
-        masker = ctx.masker
+        step = _with_official_update(step, ctx)
+    return step, ctx
 
-        def mask_the_official_way():
-            official_mask_(masker)
-            return _unit_stats(masker)
 
-        masker.mask_ = mask_the_official_way
-    return STEP_FUNCTIONS[cfg.method], ctx
+def _with_official_update(step, ctx):
+    """``step`` with CURE's fused update (one :func:`cure_kernels.rgp_sgd_step_` call) replaced, for the
+    duration of the step, by the official code's sequence: the mask through numpy.percentile per tensor,
+    then PyTorch's fused SGD, then the revision EMA through foreach ops."""
+    import cure.methods
+
+    masker = ctx.masker
+
+    def official_update(params, grads, grads_nat, grads_adv, momentum_buffers, *, revision, decay, skip, **_):
+        official_mask_(masker)
+        ctx.found_inf.copy_(skip)
+        ctx.optimizer.step()
+        if revision is not None:
+            with torch.no_grad():
+                torch._foreach_mul_(revision, decay)
+                torch._foreach_add_(revision, params, alpha=1 - decay)
+        return _unit_stats(masker)
+
+    def official_step(ctx_, x, y):
+        fused = cure.methods.rgp_sgd_step_
+        cure.methods.rgp_sgd_step_ = official_update
+        try:
+            return step(ctx_, x, y)
+        finally:
+            cure.methods.rgp_sgd_step_ = fused
+
+    return official_step
 
 
 def time_variants(variants: list[str], arch: str, dataset: str, device: torch.device, batch_size: int,

@@ -132,18 +132,21 @@ def run_cnn(args: argparse.Namespace) -> Tally:
                              revision_seed=args.seed)
     masker = ctx.masker
     tally = Tally()
-    mask_ = masker.mask_
+    import cure.methods
 
-    def recording_mask_():
+    fused = cure.methods.rgp_sgd_step_
+
+    def recording_step_(*args, **kwargs):
+        """The trainer's fused update, with the selection path of every tensor recorded."""
         scores = [rgp_scores(a, b, masker.alpha) for a, b in zip(masker.grads_nat, masker.grads_adv)]
         _counters()
-        stats = mask_()
+        stats = fused(*args, **kwargs)
         tally.kernel += _counters()
         tally.add(scores, masker.p)
         tally.steps += 1
         return stats
 
-    masker.mask_ = recording_mask_
+    cure.methods.rgp_sgd_step_ = recording_step_
     step_fn = STEP_FUNCTIONS["cure"]
     gen = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
@@ -154,6 +157,7 @@ def run_cnn(args: argparse.Namespace) -> Tally:
                 print(f"cnn step {tally.steps}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
             if tally.steps >= args.steps:
                 break
+    cure.methods.rgp_sgd_step_ = fused
     tally.p = masker.p
     return tally
 

@@ -15,7 +15,6 @@ Both are ``torch.library`` custom ops with fake implementations, so the public f
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -122,45 +121,10 @@ if backends.PROBE.extension_error is None:
     torch.library.register_fake("cure::rgp_sgd_step")(_stats_fake)
 
 
-def _cxx_has(key: str) -> bool:
-    """The extension registered a ``cure::rgp_sgd_step`` kernel for dispatch key ``key`` ("CPU"/"CUDA")."""
-    return (backends.PROBE.extension_error is None
-            and torch._C._dispatch_has_kernel_for_dispatch_key("cure::rgp_sgd_step", key))
-
-
-def _check_nonnegative(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        if isinstance(value, Tensor):
-            raise TypeError(f"{name} must be a Python float, got a tensor ({value!r}); pass float({name}) "
-                            f"(reading a tensor would synchronise the device)")
-        raise TypeError(f"{name} must be a non-negative float, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0.0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return value
-
-
 def _resolve(backend: object, device: torch.device) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__} {backend!r}")
-    if backend == "auto":
-        if device.type == "cpu" and _cxx_has("CPU"):
-            return "cpu"
-        if device.type == "cuda" and backends.unavailable_reason("triton", device) is None:
-            return "triton"
-        if device.type == "cuda" and _cxx_has("CUDA"):
-            return "cuda"
-        return "reference"
-    if backend not in SGD_STEP_BACKENDS:
-        raise ValueError(f"unknown backend {backend!r} for rgp_sgd_step_; choose 'auto', "
-                         + ", ".join(repr(b) for b in SGD_STEP_BACKENDS))
-    reason = backends.unavailable_reason(backend, device)
-    if reason is None and backend in ("cpu", "cuda") and not _cxx_has(backend.upper()):
-        reason = (f"the C++ extension has no {backend!r} kernel for rgp_sgd_step_ (built from older sources?); "
-                  f"rebuild it with: {backends.BUILD_COMMAND}")
-    if reason is not None:
-        raise ValueError(f"backend={backend!r} cannot run here: {reason}")
-    return backend
+    return backends.resolve_backend(backend, device, "rgp_sgd_step")
 
 
 def rgp_sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], grads_nat: Sequence[Tensor],
@@ -211,7 +175,8 @@ def rgp_sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], grads_nat: 
 
     Returns:
         :class:`~cure_kernels.MaskStats` as :func:`cure_kernels.rgp_mask_` returns it, on the tensors'
-        device; the Triton backend takes no host synchronisation, the reference does.
+        device. The reference synchronises with the host; the C++ backends never do; Triton only when it
+        uploads its tables (see :mod:`cure_kernels.backends`).
     """
     alpha = check_fraction("alpha", alpha)
     p = check_fraction("p", p)

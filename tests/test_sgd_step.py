@@ -344,7 +344,7 @@ def test_triton_written_lists_layouts_and_address_tables():
     ({"p": -0.1}, ValueError, "p must"),
     ({"decay": 2.0}, ValueError, "decay"),
     ({"lr": torch.tensor(0.1)}, TypeError, "lr must be a Python float"),
-    ({"backend": "cuda"}, ValueError, r"C\+\+ backends do not implement"),
+    ({"backend": "cuda"}, ValueError, "runs on CUDA tensors, but the tensors are on cpu"),
     ({"backend": "fast"}, ValueError, "unknown backend"),
 ])
 def test_bad_arguments_are_named_and_nothing_changes(kwargs, exc, words):
