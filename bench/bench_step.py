@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     path = write_csv(f"step_{device.type}_{arch}.csv", rows)
     print(f"\nTraining step, {arch} on {dataset}-shaped batches of {args.batch_size}{' (amp)' if args.amp else ''}, "
           f"{env['machine']} (torch {env['torch']}, git {env['git_sha']}); median of {steps} steps, round-robin. "
-          f"'vs trades' and 'vs cure' are step time over TRADES' (target for cure <= 1.35) and over our CURE step's.")
+          f"'vs trades' and 'vs cure' are step time over TRADES' (target for cure <= 1.25) and over our CURE step's.")
     print_table(rows, ["provider", "arch", "batch", "median_ms", "p20_ms", "p80_ms", "images/s", "vs trades",
                        "vs cure"])
     print(f"\nwrote {path}")
