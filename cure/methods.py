@@ -276,12 +276,21 @@ def trades_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
             norm=cfg.norm,
             generator=ctx.attack_generator,
         )
+    return _paired_loss_step(
+        ctx, x, y, x_adv,
+        lambda nat, adv: F.cross_entropy(nat.float(), y) + cfg.beta * kl_divergence(nat, adv),
+    )
+
+
+def _paired_loss_step(ctx: StepContext, x: Tensor, y: Tensor, x_adv: Tensor, loss_fn) -> StepResult:
+    """The update of TRADES and MART: ``loss_fn(f(x), f(x_adv))`` in train mode, one backward pass, PyTorch's
+    fused SGD (skipped on the device when the loss is not finite)."""
     buffers = _train_mode(ctx)
     ctx.zero_grad()
     with ctx.autocast():
         logits_nat = ctx.model(x)
         logits_adv = ctx.model(x_adv)
-    loss = F.cross_entropy(logits_nat.float(), y) + cfg.beta * kl_divergence(logits_nat, logits_adv)
+    loss = loss_fn(logits_nat, logits_adv)
     loss.backward()
     loss = _reduce(ctx, loss)
     bad = ~torch.isfinite(loss)
@@ -466,18 +475,7 @@ def mart_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
             norm=cfg.norm,
             generator=ctx.attack_generator,
         )
-    buffers = _train_mode(ctx)
-    ctx.zero_grad()
-    with ctx.autocast():
-        logits_nat = ctx.model(x)
-        logits_adv = ctx.model(x_adv)
-    loss = mart_loss(logits_nat, logits_adv, y, cfg.beta)
-    loss.backward()
-    loss = _reduce(ctx, loss)
-    bad = ~torch.isfinite(loss)
-    _apply_update(ctx, bad, buffers)
-    zero = _zero(ctx)
-    return StepResult(loss, _correct(logits_nat, y), _correct(logits_adv, y), bad, zero + 1, zero)
+    return _paired_loss_step(ctx, x, y, x_adv, lambda nat, adv: mart_loss(nat, adv, y, cfg.beta))
 
 
 def build_step_context(
