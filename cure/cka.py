@@ -18,8 +18,8 @@ representation is constant over the samples (a zero centred Gram matrix).
 
 Blocks. :data:`BLOCKS` lists, per architecture, the modules whose outputs are compared (the output of each
 block, flattened per sample): for ``cnn`` its two conv stages (after pooling), the hidden fully connected
-layer (after its ReLU) and the logits; for the ResNets the stem, ``layer1`` .. ``layer4`` and the final
-linear layer (``fc``); for WideResNet the stem, ``block1`` .. ``block3`` and ``fc``.
+layer (after its ReLU) and the logits; for the ResNets the stem, ``layer1`` .. ``layer4`` (``layer3`` for
+ResNet-20) and the final linear layer (``fc``); for WideResNet the stem, ``block1`` .. ``block3`` and ``fc``.
 
 Inputs. A deterministic subset of the test split (the data seed of the first checkpoint's run). With
 ``adversarial`` each model also sees its own PGD-20 adversarial examples of the same images (L-inf, the
@@ -56,7 +56,10 @@ __all__ = [
     "write_outputs",
 ]
 
-#: Per architecture: (block name, module path in the model) in forward order.
+#: Per architecture: (block name, module path in the model) in forward order: the module whose output is the
+#: block's representation. The names of the ResNets and the WideResNet are those of
+#: :func:`cure.models.model_blocks` (``--freeze`` / ``--reinit``); the cnn's are finer (its two conv stages
+#: are compared after pooling).
 BLOCKS: dict[str, tuple[tuple[str, str], ...]] = {
     "cnn": (
         ("stage1", "features.3"),
@@ -78,6 +81,13 @@ BLOCKS: dict[str, tuple[tuple[str, str], ...]] = {
         ("layer2", "layer2"),
         ("layer3", "layer3"),
         ("layer4", "layer4"),
+        ("fc", "linear"),
+    ),
+    "resnet20": (
+        ("stem", "relu"),
+        ("layer1", "layer1"),
+        ("layer2", "layer2"),
+        ("layer3", "layer3"),
         ("fc", "linear"),
     ),
     "wrn-34-10": (

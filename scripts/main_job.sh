@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The main job: CURE on Fashion-MNIST on the CPU in a few minutes (about 3.5-7.5 on 2 cores).
+# The main job: CURE on Fashion-MNIST on the CPU in a few minutes (about 4-11 on 2 cores).
 #
 #   1. natural pre-training (ST): the small CNN, 2 epochs on 20,000 training images;
 #   2. CURE from that checkpoint: 3 epochs on 4,096 images, L-inf eps 0.1, TRADES attack K = 10,
-#      p = 0.3, alpha = 0.1, gamma = 1, r = 0.2, d = 0.999 (the fashion-mnist-cnn preset);
+#      beta = 5, p = 0.3, alpha = 0.1, gamma = 1, r = 0.2, d = 0.999 (the fashion-mnist-cnn preset);
 #   3. the final table: natural accuracy, PGD-20 accuracy and NRR on 1,000 test images for the trained
 #      model and the revision model, at the last epoch and at the epoch with the best validation PGD-20.
 #
