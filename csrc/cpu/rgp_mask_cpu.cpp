@@ -110,22 +110,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_mask_cpu(at::TensorList updat
   };
   const std::vector<cpu::Selection> sel = cpu::select_thresholds(inputs, w, p, mask_tensor);
 
-  auto thresholds = at::empty({count}, at::TensorOptions().dtype(at::kFloat));
-  auto kept = at::empty({count}, at::TensorOptions().dtype(at::kLong));
-  auto nonfinite = at::empty({count}, at::TensorOptions().dtype(at::kLong));
-  float* thr_out = thresholds.data_ptr<float>();
-  int64_t* kept_out = kept.data_ptr<int64_t>();
-  int64_t* nonfinite_out = nonfinite.data_ptr<int64_t>();
-  for (int64_t i = 0; i < count; ++i) {
-    thr_out[i] = sel[i].threshold;
-    kept_out[i] = kept_count[i];
-    nonfinite_out[i] = sel[i].nonfinite;
-  }
+  auto stats = cpu::mask_stats(sel, kept_count);
   for (int64_t i = 0; i < count; ++i) {
     // The kernel wrote into a contiguous copy where the caller's update was strided: write it back.
     if (!entries[i].update.is_same(updates[i])) updates[i].copy_(entries[i].update);
   }
-  return {thresholds, kept, nonfinite};
+  return stats;
 }
 
 }  // namespace cure

@@ -688,6 +688,23 @@ at::Tensor selection_counters_cpu(bool reset) {
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_stats(const std::vector<Selection>& selections,
+                                                          const std::vector<int64_t>& kept_count) {
+  const int64_t count = static_cast<int64_t>(selections.size());
+  auto thresholds = at::empty({count}, at::TensorOptions().dtype(at::kFloat));
+  auto kept = at::empty({count}, at::TensorOptions().dtype(at::kLong));
+  auto nonfinite = at::empty({count}, at::TensorOptions().dtype(at::kLong));
+  float* thr_out = thresholds.data_ptr<float>();
+  int64_t* kept_out = kept.data_ptr<int64_t>();
+  int64_t* nonfinite_out = nonfinite.data_ptr<int64_t>();
+  for (int64_t i = 0; i < count; ++i) {
+    thr_out[i] = selections[i].threshold;
+    kept_out[i] = kept_count[i];
+    nonfinite_out[i] = selections[i].nonfinite;
+  }
+  return {thresholds, kept, nonfinite};
+}
+
 }  // namespace cpu
 }  // namespace cure
 

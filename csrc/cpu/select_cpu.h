@@ -16,6 +16,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 namespace cure {
@@ -108,6 +109,11 @@ inline bool has_avx2() { return false; }
 // Whether an apply pass must compare scores with the threshold at all: a NaN threshold masks
 // nothing (s < NaN is false), and neither does 0 (scores are >= +0 or NaN).
 inline bool masks_anything(float threshold) { return threshold > 0.0f; }
+
+// The ops' statistics (thresholds float32[T], kept int64[T], nonfinite int64[T]) from the selections and
+// the kept counts of the apply pass.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_stats(const std::vector<Selection>& selections,
+                                                          const std::vector<int64_t>& kept_count);
 
 }  // namespace cpu
 }  // namespace cure

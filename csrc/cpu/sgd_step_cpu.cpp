@@ -254,17 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_sgd_step_cpu(
     for (int64_t c = 0; c < n_chunks; ++c) kept_count[chunks[c].tensor] += chunk_kept[c];
   }
 
-  auto thresholds = at::empty({count}, at::TensorOptions().dtype(at::kFloat));
-  auto kept = at::empty({count}, at::TensorOptions().dtype(at::kLong));
-  auto nonfinite = at::empty({count}, at::TensorOptions().dtype(at::kLong));
-  float* thr_out = thresholds.data_ptr<float>();
-  int64_t* kept_out = kept.data_ptr<int64_t>();
-  int64_t* nonfinite_out = nonfinite.data_ptr<int64_t>();
-  for (int64_t i = 0; i < count; ++i) {
-    thr_out[i] = sel[i].threshold;
-    kept_out[i] = kept_count[i];
-    nonfinite_out[i] = sel[i].nonfinite;
-  }
+  auto stats = cpu::mask_stats(sel, kept_count);
   // The kernel wrote into contiguous copies where the caller's tensors were strided: write them back.
   for (int64_t i = 0; i < count; ++i) {
     const Entry& e = entries[i];
@@ -273,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_sgd_step_cpu(
     if (!e.buf.is_same(momentum_buffers[i])) momentum_buffers[i].copy_(e.buf);
     if (revise && !e.rev.is_same(revision[i])) revision[i].copy_(e.rev);
   }
-  return {thresholds, kept, nonfinite};
+  return stats;
 }
 
 }  // namespace cure
