@@ -301,6 +301,10 @@ def test_step_refuses_an_inference_momentum_buffer(backend):
     assert _unchanged(lists["params"], snap)
 
 
+# PyTorch warns that sparse CSR is in beta and that quantized tensors are deprecated: the inputs of
+# this test, not what it checks.
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta:UserWarning")
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
 @pytest.mark.parametrize(("make", "words"), [
     (lambda: _randn(6).to_sparse(), r"updates\[1\] has layout torch.sparse_coo; only dense"),
     (lambda: _randn(2, 3).to_sparse_csr(), r"updates\[1\] has layout torch.sparse_csr; only dense"),
