@@ -143,7 +143,7 @@ def pgd(
     steps: int,
     norm: str = "linf",
     loss: str = "ce",
-    random_start: bool = True,
+    random_start: bool | str = True,
     generator: torch.Generator | None = None,
     kappa: float | None = None,
     clip_start: bool = True,
@@ -160,7 +160,8 @@ def pgd(
         x: clean inputs in [0, 1]; y: int64 labels.
         eps: radius of the ball; step_size: ascent step; steps: number of steps (0: just the start).
         norm: "linf" or "l2"; loss: "ce" or "cw".
-        random_start: start from a uniformly drawn point of the ball (L-inf) or a random L2 perturbation.
+        random_start: True: start from a uniformly drawn point of the ball (L-inf) or a random L2
+            perturbation; "gaussian": from x + 0.001 * N(0, I) (MART's and TRADES' start); False: from x.
         generator: source of the random start (default: the global generator of x's device).
         kappa: C&W confidence, only with ``loss="cw"``: the objective is min(margin, kappa).
         clip_start: project the random start onto [0, 1] before the first gradient (default). False
@@ -186,7 +187,12 @@ def pgd(
     y = y.detach()
     with _EvalMode(model), torch.enable_grad():
         box = _box(x, eps, norm)
-        x_adv = _random_start(x, eps, norm, generator) if random_start else x.clone()
+        if random_start == "gaussian":
+            x_adv = x + 0.001 * _noise_like(x, generator, "normal")
+        elif random_start:
+            x_adv = _random_start(x, eps, norm, generator)
+        else:
+            x_adv = x.clone()
         if clip_start or steps == 0:
             x_adv = _project(x_adv, x, eps, norm, box)
         for _ in range(steps):
@@ -257,19 +263,5 @@ def mart_pgd(
     Returns:
         x_adv, detached, in the eps-ball around x and in [0, 1].
     """
-    _check(eps, step_size, steps, norm)
-    if y.shape != x.shape[:1]:
-        raise ValueError(
-            f"y must hold one label per input: x has {x.shape[0]} inputs, y has shape {tuple(y.shape)}"
-        )
-    x = x.detach()
-    y = y.detach()
-    with _EvalMode(model), torch.enable_grad():
-        box = _box(x, eps, norm)
-        x_adv = _project(x + 0.001 * _noise_like(x, generator, "normal"), x, eps, norm, box)
-        for _ in range(steps):
-            x_adv = x_adv.detach().requires_grad_(True)
-            objective = F.cross_entropy(model(x_adv).float(), y, reduction="sum")
-            (grad,) = torch.autograd.grad(objective, x_adv)
-            x_adv = _project(_ascent(x_adv.detach(), grad, step_size, norm), x, eps, norm, box)
-    return x_adv.detach().to(x.dtype)
+    return pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, norm=norm, loss="ce",
+               random_start="gaussian", generator=generator)
