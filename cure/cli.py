@@ -323,14 +323,46 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _open_checkpoint(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """`cure eval`: (device, the run's TrainConfig, the networks to evaluate) of ``args.checkpoint``;
+    argparse-style errors for a bad device or checkpoint and for --which revision without one."""
+    from cure.checkpoint import CheckpointError, load_checkpoint
+    from cure.config import TrainConfig
+    from cure.train import select_device
+
+    try:
+        device = select_device(args.device)
+        state = load_checkpoint(args.checkpoint)
+    except (CheckpointError, ValueError) as exc:
+        parser.error(str(exc))
+    cfg = TrainConfig.from_dict(state["config"])
+    whiches = ("model", "revision") if args.which == "both" else (args.which,)
+    if "revision" in whiches and state.get("revision") is None:
+        if args.which == "revision":
+            parser.error(f"{args.checkpoint} holds no revision model (method {cfg.method})")
+        whiches = ("model",)
+    del state
+    return device, cfg, whiches
+
+
+def _test_split(args: argparse.Namespace, cfg):
+    """The run's test split, or its deterministic --eval-samples subset."""
+    from cure.data import deterministic_subset, load_split
+
+    images, labels = load_split(cfg.dataset, args.data_root or cfg.data_root, train=False, download=False)
+    if args.eval_samples is not None and args.eval_samples < len(labels):
+        images, labels = deterministic_subset(images, labels, args.eval_samples, seed=cfg.data_seed)
+    return images, labels
+
+
 def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
-    from cure.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_model
-    from cure.config import TrainConfig, default_radius
-    from cure.data import DATASETS, deterministic_subset, load_split
+    from cure.checkpoint import atomic_write_text, load_model
+    from cure.config import default_radius
+    from cure.data import DATASETS
     from cure.evaluation import ATTACKS, attack_settings, evaluate
-    from cure.train import NORM_TITLES, nrr, select_device
+    from cure.train import NORM_TITLES, nrr
 
     for name in args.attacks:
         if name not in ATTACKS:
@@ -343,19 +375,8 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--eps must lie in [0, 1], got {args.eps} (an L2 radius needs --norm l2)")
     if args.eps is not None and args.eps < 0:
         parser.error(f"--eps must be >= 0, got {args.eps}")
-    try:
-        device = select_device(args.device)
-        state = load_checkpoint(args.checkpoint)
-    except (CheckpointError, ValueError) as exc:
-        parser.error(str(exc))
-    cfg = TrainConfig.from_dict(state["config"])
+    device, cfg, whiches = _open_checkpoint(args, parser)
     protocol = args.eval_protocol or cfg.eval_protocol
-    whiches = ("model", "revision") if args.which == "both" else (args.which,)
-    if "revision" in whiches and state.get("revision") is None:
-        if args.which == "revision":
-            parser.error(f"{args.checkpoint} holds no revision model (method {cfg.method})")
-        whiches = ("model",)
-    del state
     spec = DATASETS[cfg.dataset]
     norm = args.norm or cfg.norm
     if norm != cfg.norm and args.eps is None:
@@ -363,9 +384,7 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     eps = args.eps if args.eps is not None else cfg.eps
     if eps is None:
         eps = default_radius(cfg.dataset, norm)[0]
-    images, labels = load_split(cfg.dataset, args.data_root or cfg.data_root, train=False, download=False)
-    if args.eval_samples is not None and args.eval_samples < len(labels):
-        images, labels = deterministic_subset(images, labels, args.eval_samples, seed=cfg.data_seed)
+    images, labels = _test_split(args, cfg)
     results: dict[str, dict[str, float]] = {}
     for which in whiches:
         model = load_model(args.checkpoint, which=which, map_location=device)
@@ -556,32 +575,16 @@ def _eval_corruptions(args: argparse.Namespace, parser, severities: tuple[int, .
     """Accuracy under the 15 common corruptions; a table, eval.json and the run's summary.json."""
     import torch
 
-    from cure.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, load_model
-    from cure.config import TrainConfig
+    from cure.checkpoint import atomic_write_text, load_model
     from cure.corruptions import CORRUPTIONS
-    from cure.data import deterministic_subset, load_split
     from cure.evaluation import evaluate_corruptions
-    from cure.train import select_device
 
     if args.eval_samples is not None and args.eval_samples < 1:
         parser.error(f"--eval-samples must be at least 1, got {args.eval_samples}")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
-    try:
-        device = select_device(args.device)
-        state = load_checkpoint(args.checkpoint)
-    except (CheckpointError, ValueError) as exc:
-        parser.error(str(exc))
-    cfg = TrainConfig.from_dict(state["config"])
-    whiches = ("model", "revision") if args.which == "both" else (args.which,)
-    if "revision" in whiches and state.get("revision") is None:
-        if args.which == "revision":
-            parser.error(f"{args.checkpoint} holds no revision model (method {cfg.method})")
-        whiches = ("model",)
-    del state
-    images, labels = load_split(cfg.dataset, args.data_root or cfg.data_root, train=False, download=False)
-    if args.eval_samples is not None and args.eval_samples < len(labels):
-        images, labels = deterministic_subset(images, labels, args.eval_samples, seed=cfg.data_seed)
+    device, cfg, whiches = _open_checkpoint(args, parser)
+    images, labels = _test_split(args, cfg)
     results: dict[str, dict[str, Any]] = {}
     for which in whiches:
         model = load_model(args.checkpoint, which=which, map_location=device)
