@@ -97,16 +97,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_mask_cpu(at::TensorList updat
       kept_count[i] = e.n;
       return;
     }
-    if (!split) {
-      kept_count[i] = mask_chunk(e, 0, e.n, w, s.threshold);
-      return;
-    }
-    const int64_t n_chunks = (e.n + kChunk - 1) / kChunk;
-    int64_t kept_total = 0;
-#pragma omp parallel for schedule(static) reduction(+ : kept_total)
-    for (int64_t c = 0; c < n_chunks; ++c)
-      kept_total += mask_chunk(e, c * kChunk, std::min(e.n, (c + 1) * kChunk), w, s.threshold);
-    kept_count[i] = kept_total;
+    const auto chunk = [&](int64_t begin, int64_t end) { return mask_chunk(e, begin, end, w, s.threshold); };
+    kept_count[i] = split ? cpu::apply_backwards_split(e.n, kChunk, chunk) : cpu::apply_backwards(0, e.n, kChunk, chunk);
   };
   const std::vector<cpu::Selection> sel = cpu::select_thresholds(inputs, w, p, mask_tensor);
 

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <omp.h>
 
 #include <algorithm>
 
@@ -91,6 +92,32 @@ inline std::vector<Chunk> chunks_of(const std::vector<int64_t>& sizes, int64_t c
   for (int64_t i = 0; i < static_cast<int64_t>(sizes.size()); ++i)
     for (int64_t b = 0; b < sizes[i]; b += chunk) out.push_back({i, b, std::min(sizes[i], b + chunk)});
   return out;
+}
+
+// The apply pass of one tensor right after its selection, over [0, n) in chunks of `chunk` elements,
+// last chunk first: the selection read the tensor front to back, so its end is the likeliest part to be
+// still in the cache (on ResNet-18 shapes, 2 threads, the mask runs about 20 % faster than front to back).
+// Returns the sum of fn(begin, end) over the chunks.
+template <typename Fn>
+int64_t apply_backwards(int64_t begin, int64_t end, int64_t chunk, Fn&& fn) {
+  int64_t total = 0;
+  for (int64_t stop = end; stop > begin; stop -= chunk) total += fn(std::max(begin, stop - chunk), stop);
+  return total;
+}
+
+// The same for a tensor whose selection was split over the threads: each thread takes back the slice
+// it read (contiguous slices of ceil(n / threads) elements, as the split selection cuts them).
+template <typename Fn>
+int64_t apply_backwards_split(int64_t n, int64_t chunk, Fn&& fn) {
+  int64_t total = 0;
+#pragma omp parallel reduction(+ : total)
+  {
+    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t per = (n + threads - 1) / threads;
+    const int64_t begin = std::min(n, t * per);
+    total += apply_backwards(begin, std::min(n, begin + per), chunk, fn);
+  }
+  return total;
 }
 
 // Compiles a function for AVX2 (no FMA: the build's -ffp-contract=off still applies); callers check

@@ -212,16 +212,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_sgd_step_cpu(
       kept_count[i] = e.n;
       return;
     }
-    if (!parallel) {
-      kept_count[i] = apply_entry_chunk(e, 0, e.n, h, thr, freeze, step, revise);
-      return;
-    }
-    const int64_t n_chunks = (e.n + kChunk - 1) / kChunk;
-    int64_t kept_total = 0;
-#pragma omp parallel for schedule(static) reduction(+ : kept_total)
-    for (int64_t c = 0; c < n_chunks; ++c)
-      kept_total += apply_entry_chunk(e, c * kChunk, std::min(e.n, (c + 1) * kChunk), h, thr, freeze, step, revise);
-    kept_count[i] = kept_total;
+    const auto chunk = [&](int64_t begin, int64_t end) {
+      return apply_entry_chunk(e, begin, end, h, thr, freeze, step, revise);
+    };
+    kept_count[i] = parallel ? cpu::apply_backwards_split(e.n, kChunk, chunk) : cpu::apply_backwards(0, e.n, kChunk, chunk);
   };
 
   std::vector<cpu::Selection> sel;
