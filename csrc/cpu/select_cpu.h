@@ -87,10 +87,16 @@ struct Chunk {
   int64_t tensor, begin, end;
 };
 
+// The chunks of every tensor in about the reverse of the order select_thresholds read them (it hands
+// out tensors largest first, each front to back): smallest tensor first, each one's chunks last to
+// first, so the pass starts with what is still in the cache.
 inline std::vector<Chunk> chunks_of(const std::vector<int64_t>& sizes, int64_t chunk) {
+  std::vector<int64_t> order(sizes.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return sizes[a] < sizes[b]; });
   std::vector<Chunk> out;
-  for (int64_t i = 0; i < static_cast<int64_t>(sizes.size()); ++i)
-    for (int64_t b = 0; b < sizes[i]; b += chunk) out.push_back({i, b, std::min(sizes[i], b + chunk)});
+  for (const int64_t i : order)
+    for (int64_t stop = sizes[i]; stop > 0; stop -= chunk) out.push_back({i, std::max<int64_t>(0, stop - chunk), stop});
   return out;
 }
 
