@@ -1,0 +1,50 @@
+"""scripts/mask_study.py end to end on a tiny budget: the shared natural run, six methods as separate
+`cure train` processes, the table, the CSV and the figures; a second call skips finished runs and
+re-renders the same table."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "mask_study.py"
+TINY = [
+    "--arch", "resnet20", "--seeds", "0", "--pretrain-samples", "64", "--pretrain-val-size", "16", "--epochs", "1",
+    "--train-samples", "32", "--val-size", "16", "--eval-samples", "16", "--attack-steps", "1", "--jobs", "2",
+]  # fmt: skip
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
+
+
+def test_tiny_study_writes_table_csv_and_figures_and_skips_finished_runs(tmp_path):
+    runs, output = tmp_path / "runs", tmp_path / "results" / "study.md"
+    done = _run("--runs", str(runs), "--output", str(output), *TINY)
+    assert done.returncode == 0, done.stdout + done.stderr
+    table = output.read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    labels = [row.split("|")[1].strip() for row in rows]
+    assert labels == ["CURE", "AT (Madry)", "CURE without RGP mask", "TRADES", "CURE without revision", "MART"]
+    with open(output.with_suffix(".csv"), newline="") as f:
+        records = list(csv.DictReader(f))
+    assert [r["run"] for r in records] == ["cure", "at", "cure_no_mask", "trades", "cure_no_revision", "mart"]
+    for r in records:
+        assert 0.0 <= float(r["last_nat"]) <= 100.0 and 0.0 <= float(r["last_pgd20"]) <= 100.0
+        kept = float(r["kept_fraction"])
+        assert (kept == 1.0) == (r["run"] not in ("cure", "cure_no_revision")), r  # only masked runs drop entries
+    # The rendered commands are the ones that ran: every run directory named in them exists.
+    commands = [line for line in table.splitlines() if line.startswith("cure train")]
+    assert len(commands) == 7 and all((runs / line.split("--out ")[1].split()[0].split("/")[-1]).is_dir()
+                                      for line in commands)  # fmt: skip
+    assert output.with_suffix(".png").stat().st_size > 10_000
+    assert (output.with_suffix("") / "curves.png").is_file()
+    assert (output.with_suffix("") / "layers_cure_s0.png").is_file()
+    # Second call: nothing retrained, the same table.
+    again = _run("--runs", str(runs), "--output", str(output), *TINY)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("done already") == 7
+    assert output.read_text().split("## Protocol")[1] == table.split("## Protocol")[1]
