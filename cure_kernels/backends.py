@@ -27,7 +27,7 @@ import torch
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 BUILD_COMMAND = "pip install --no-build-isolation -e .   (from the repository root)"
-CXX_OPS = ("rgp_mask", "revise", "rgp_sgd_step")  # the C++ op names (csrc/cure_ops.cpp)
+CXX_OPS = ("rgp_mask", "revise", "rgp_sgd_step", "rgp_select")  # the C++ op names (csrc/cure_ops.cpp)
 
 # The backend "auto" picks, per device type: the first of the row that can run here.
 #
