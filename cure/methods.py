@@ -384,7 +384,9 @@ def _start_selection(ctx: StepContext) -> tuple[torch.cuda.Stream, Tensor, Tenso
       if it were dropped mid-step (an exception before the wait), their blocks could be reused on main
       while ``side`` still reads them: ``record_stream(side)`` on each flat buffer covers that.
     * the selection's own workspaces (and packed copies) are allocated and freed on ``side``, so any
-      reuse is ordered after the kernels that used them.
+      reuse is ordered after the kernels that used them. Triton's per-layout tables, uploaded on
+      ``side`` by the first call (a blocking copy) and read by both streams afterwards, stay cached for
+      the run.
     """
     masker = ctx.masker
     device = masker.params[0].device

@@ -396,6 +396,35 @@ def _batch(seed, device="cpu"):
     return x.to(device), y.to(device)
 
 
+def _recording(real, calls):
+    """A stand-in for rgp_sgd_step_ that records copies of its inputs and outputs, for :func:`_assert_replays`."""
+    def step(params, grads, nat, adv, bufs, **kw):
+        inputs = [[t.clone() for t in ts] for ts in (params, grads, nat, adv, bufs, kw["revision"] or [])]
+        stats = real(params, grads, nat, adv, bufs, **kw)
+        outputs = [[t.clone() for t in ts] for ts in (params, grads, bufs, kw["revision"] or [])]
+        calls.append((kw["thresholds"] is not None, inputs, dict(kw), stats, outputs))
+        return stats
+
+    return step
+
+
+def _assert_replays(real, calls):
+    """Each recorded call given thresholds, replayed as the one call (it selects itself) on copies of its
+    inputs: the same statistics and bits. The thresholds were thus selected on the final captured gradients."""
+    replayed = 0
+    for given, inputs, kw, stats, outputs in calls:
+        if not given:
+            continue
+        params, grads, nat, adv, bufs, rev = inputs
+        kw = kw | {"thresholds": None, "nonfinite": None, "revision": rev if kw["revision"] is not None else None}
+        again = real(params, grads, nat, adv, bufs, **kw)
+        assert bitwise_equal_f32(again.thresholds, stats.thresholds)
+        assert torch.equal(again.kept, stats.kept) and torch.equal(again.nonfinite, stats.nonfinite)
+        assert all(_same_bits(a, b) for a, b in zip((params, grads, bufs, rev), outputs))
+        replayed += 1
+    return replayed
+
+
 class _FakeStream:
     """Stands in for torch.cuda.Stream on a CPU run: records what the step asks of the streams."""
 
@@ -441,9 +470,12 @@ def test_cure_step_overlap_path_orders_streams_and_gives_the_same_bits(monkeypat
         log.append(("select", current[-1].name, out[0].data_ptr(), out[1].data_ptr()))
         return out
 
+    calls = []
+    recording = _recording(real_step, calls)
+
     def step(*args, **kw):
         log.append(("step", current[-1].name, kw["thresholds"] is not None))
-        return real_step(*args, **kw)
+        return recording(*args, **kw)
 
     monkeypatch.setattr(methods, "rgp_select", select)
     monkeypatch.setattr(methods, "rgp_sgd_step_", step)
@@ -492,6 +524,8 @@ def test_cure_step_overlap_path_orders_streams_and_gives_the_same_bits(monkeypat
         assert sum(1 for e in mine if e[0] == "backward") == 3  # nat, adv (retained), then the last one
         assert [e for e in log[len(mine):] if e[0] in ("wait", "enter", "select", "record")] == []  # plain: none
     assert overlapped._selection_stream is not None and overlapped._selection_stream.name == "side"
+    assert [c[0] for c in calls] == [True, False] * 3
+    assert _assert_replays(real_step, calls) == 3
 
 
 def test_cure_step_on_cpu_makes_one_call():
@@ -509,14 +543,21 @@ def test_cure_step_on_cpu_makes_one_call():
 
 @needs_cuda
 @pytest.mark.parametrize("mask_mode", ["grad", "update"])
-def test_cure_step_with_overlap_is_bit_identical_on_cuda(mask_mode):
-    """On a GPU: seeded CURE steps with the side-stream selection and without give identical bits."""
+def test_cure_step_with_overlap_is_bit_identical_on_cuda(mask_mode, monkeypatch):
+    """On a GPU. (1) Every overlapped step's update, replayed as the one call on copies of its inputs (the
+    final captured gradients), gives the same bits and statistics: the side stream selected on the final
+    gradients. (2) Seeded CURE steps with and without the overlap, from the same state, give identical
+    bits (cuDNN made deterministic, so that the backward passes themselves agree)."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     overlapped, plain = (_cure_context(device="cuda", mask_mode=mask_mode),
                          _cure_context(device="cuda", mask_mode=mask_mode))
     plain.overlap_selection = False
-    dev = torch.device("cuda")
-    if not overlaps_selection(dev, overlapped.masker.backend, False):
+    if not overlaps_selection(torch.device("cuda"), overlapped.masker.backend, False):
         pytest.skip("no fast backend for CUDA tensors here")
+    real = methods.rgp_sgd_step_
+    calls = []
+    monkeypatch.setattr(methods, "rgp_sgd_step_", _recording(real, calls))
     for k in range(3):
         x, y = _batch(k, "cuda")
         got = methods.cure_step(overlapped, x, y)
@@ -526,5 +567,6 @@ def test_cure_step_with_overlap_is_bit_identical_on_cuda(mask_mode):
         assert torch.equal(got.mask_stats.nonfinite, exp.mask_stats.nonfinite)
         assert _same_bits(list(overlapped.module.parameters()), list(plain.module.parameters()))
         assert _same_bits([q.grad for q in overlapped.masker.params], [q.grad for q in plain.masker.params])
-    assert overlapped._selection_stream is not None
+    assert [c[0] for c in calls] == [True, False] * 3 and overlapped._selection_stream is not None
+    assert _assert_replays(real, calls) == 3
     torch.cuda.synchronize()
