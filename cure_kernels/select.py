@@ -99,5 +99,6 @@ def rgp_select(grads_nat: Sequence[Tensor], grads_adv: Sequence[Tensor], *, alph
     name = _resolve(backend, gns[0].device if gns else torch.device("cpu"), "rgp_select")
     if not gns:
         return _select_stats_like(gns)
-    thresholds, nonfinite = _select_op(name)(gns, gas, alpha, p)
+    with torch.no_grad():  # the statistics are not differentiable, whatever the inputs
+        thresholds, nonfinite = _select_op(name)(gns, gas, alpha, p)
     return thresholds, nonfinite

@@ -11,6 +11,10 @@ revision list is given, the revision update (paper Eq. 7). Backends:
 
 Both are ``torch.library`` custom ops with fake implementations, so the public function works under
 ``torch.compile(fullgraph=True)``.
+
+Every backend also takes the thresholds and non-finite counts of :func:`cure_kernels.rgp_select`
+(``thresholds=``, ``nonfinite=``): it then skips its selection and runs the apply pass alone, with the
+same result bit for bit (docs/method.md, "Selection ahead of the step").
 """
 
 from __future__ import annotations
