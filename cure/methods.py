@@ -365,21 +365,23 @@ def overlaps_selection(device: torch.device, backend: str, distributed: bool) ->
 
 def _start_selection(ctx: StepContext) -> tuple[torch.cuda.Stream, Tensor, Tensor]:
     """Queue :func:`cure_kernels.rgp_select` of the captured gradients on the context's side stream and
-    return ``(side stream, thresholds, nonfinite)``; the caller makes its stream wait for ``side`` before
-    it reads them (:func:`_fused_update`).
+    return ``(side stream, thresholds, nonfinite)``; the caller makes main wait for ``side`` right after
+    queueing the last backward pass, also when that raises (:func:`cure_step`), before anything reads them.
 
     Ordering: the captured gradients were written by the backward passes on the current ("main") stream,
     so ``side`` first waits for everything queued on main so far; the selection kernels then run on
     ``side`` while the caller queues ``loss.backward()`` on main. That backward pass writes ``.grad`` (the
     masker's update buffers) and never the captured buffers, which nothing writes again before main has
-    waited for ``side`` (the next step's capture zeroes them on main, after that wait): no race.
+    waited for ``side`` (the next step's capture zeroes them on main, after that wait): no race. Main
+    waits for ``side`` once, on the device; the host never waits.
 
     Memory (the caching allocator reuses a freed block at once for later allocations on the stream that
     allocated it, without regard to other streams):
 
     * thresholds and nonfinite are allocated on ``side`` and read on main by the apply pass; when the
       caller drops them, their blocks could go to a new allocation on ``side`` while main's kernels still
-      read them. ``record_stream(main)`` makes the allocator wait for main's work queued so far first.
+      read them. ``record_stream(main)`` makes the allocator, when they are freed, wait for the work
+      queued on main by then before it reuses their blocks.
     * the captured buffers (allocated on main) are read on ``side``. They live as long as the masker, but
       if it were dropped mid-step (an exception before the wait), their blocks could be reused on main
       while ``side`` still reads them: ``record_stream(side)`` on each flat buffer covers that.
@@ -412,8 +414,8 @@ def _fused_update(ctx: StepContext, bad: Tensor, revision_decay: float | None,
     :func:`cure_kernels.rgp_sgd_step_` call over all of them; skipped on the device when ``bad`` is set or
     a score is not finite (the gradients are still masked and the revision still moves).
 
-    ``selection``: what :func:`_start_selection` returned; the current stream waits for its side stream,
-    then the op applies those thresholds (its apply pass alone; the same bits as selecting here)."""
+    ``selection``: what :func:`_start_selection` returned, the current stream having waited for its side
+    stream: the op applies those thresholds (its apply pass alone; the same bits as selecting here)."""
     masker = ctx.masker
     params = masker.params
     # A .grad that is not the masker's view (replaced by autograd or the caller) is masked where it is.
@@ -424,8 +426,7 @@ def _fused_update(ctx: StepContext, bad: Tensor, revision_decay: float | None,
         revision = ctx.revision.counterparts(params)
     thresholds = nonfinite = None
     if selection is not None:
-        side, thresholds, nonfinite = selection
-        torch.cuda.current_stream(params[0].device).wait_stream(side)
+        _, thresholds, nonfinite = selection
     stats = rgp_sgd_step_(
         params,
         grads,
@@ -493,7 +494,14 @@ def cure_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
         # the last backward pass runs on the current one.
         if ctx.overlap_selection and overlaps_selection(masker.params[0].device, masker.backend, ctx.dist.enabled):
             selection = _start_selection(ctx)
-    loss.backward()
+    try:
+        loss.backward()
+    finally:
+        if selection is not None:
+            # Main waits for the selection (on the device) once the last backward pass is queued; also when
+            # that pass raised, so that nothing queued on main later (the next step's capture zeroing the
+            # captured buffers) can overtake the side stream's reads.
+            torch.cuda.current_stream(masker.params[0].device).wait_stream(selection[0])
     # Data-parallel: one packed all-reduce of the three gradients, the BatchNorm buffers and the loss.
     loss = _reduce(ctx, loss, captured=masker is not None)
     bad = ~torch.isfinite(loss)

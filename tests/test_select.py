@@ -437,15 +437,10 @@ class _FakeStream:
         self.log.append(("wait", self.name, other.name))
 
 
-def test_cure_step_overlap_path_orders_streams_and_gives_the_same_bits(monkeypatch):
-    """The side-stream path, run on CPU with recorded streams: the side stream waits for the current one
-    before the selection, the selection runs inside the side stream's context, its outputs are recorded on
-    the current stream and the captured buffers on the side stream, the last backward pass is queued
-    after the selection, the current stream waits for the side stream before the apply pass, and the
-    result is bit for bit the one-call step."""
-    log: list = []
-    main = _FakeStream("main", log)
-    current = [main]
+def _fake_streams(monkeypatch, log: list) -> list:
+    """Replace torch.cuda's streams by recorded stand-ins and force the overlap path (CPU tensors); return
+    the stack of current streams (its last entry is the current one)."""
+    current = [_FakeStream("main", log)]
 
     @contextlib.contextmanager
     def stream(s):
@@ -465,6 +460,17 @@ def test_cure_step_overlap_path_orders_streams_and_gives_the_same_bits(monkeypat
     monkeypatch.setattr(torch.cuda, "stream", stream)
     monkeypatch.setattr(torch.Tensor, "record_stream", record_stream)
     monkeypatch.setattr(methods, "overlaps_selection", lambda device, backend, distributed: not distributed)
+    return current
+
+
+def test_cure_step_overlap_path_orders_streams_and_gives_the_same_bits(monkeypatch):
+    """The side-stream path, run on CPU with recorded streams: the side stream waits for the current one
+    before the selection, the selection runs inside the side stream's context, its outputs are recorded on
+    the current stream and the captured buffers on the side stream, the last backward pass is queued
+    after the selection, the current stream waits for the side stream before the apply pass, and the
+    result is bit for bit the one-call step."""
+    log: list = []
+    current = _fake_streams(monkeypatch, log)
     real_select, real_step = methods.rgp_select, methods.rgp_sgd_step_
 
     def select(*args, **kw):
@@ -528,6 +534,25 @@ def test_cure_step_overlap_path_orders_streams_and_gives_the_same_bits(monkeypat
     assert overlapped._selection_stream is not None and overlapped._selection_stream.name == "side"
     assert [c[0] for c in calls] == [True, False] * 3
     assert _assert_replays(real_step, calls) == 3
+
+
+def test_main_stream_waits_for_the_selection_also_when_the_last_backward_pass_raises(monkeypatch):
+    log: list = []
+    _fake_streams(monkeypatch, log)
+    real_backward = torch.Tensor.backward
+
+    def backward(self, *args, **kw):
+        if not kw.get("retain_graph", False):
+            log.append(("backward raises",))
+            raise RuntimeError("out of memory (simulated)")
+        return real_backward(self, *args, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "backward", backward)
+    with pytest.raises(RuntimeError, match="simulated"):
+        methods.cure_step(_cure_context(), *_batch(0))
+    kinds = [e[0] for e in log]
+    assert kinds.index("wait") < kinds.index("backward raises") < len(log) - 1
+    assert log[-1] == ("wait", "main", "side")
 
 
 def test_cure_step_on_cpu_makes_one_call():
