@@ -10,6 +10,9 @@ Subcommands (each writes one CSV under --out, named with the GPU):
   step    the fused step (mask + SGD with momentum and weight decay + revision EMA) against the same
           work done with the official mask or the best PyTorch mask followed by torch's fused/foreach
           SGD and a foreach EMA; cure-triton and cure-cuda checked bit for bit against the reference op.
+          cure-triton-apply and cure-cuda-apply: the fused step given the thresholds of rgp_select
+          (computed once, untimed): the apply pass alone, what a CURE step on CUDA waits for after its
+          last backward pass when the selection overlaps that pass.
   train   one training step of CURE and of TRADES on ResNet-18, CIFAR-shaped synthetic batches
           (bench/bench_step.py's round-robin timing), and their ratio.
 
@@ -229,6 +232,12 @@ def bench_fused_step(device: torch.device, models: list[str], reps: int, dry: bo
                 ck.rgp_sgd_step_(q, g, nat, adv, v, lr=LR, momentum=MOMENTUM, weight_decay=WD, alpha=ALPHA, p=P,
                                  revision=r, decay=DECAY, backend=backend)
 
+            def apply_only(backend, given, work=work, nat=nat, adv=adv):
+                # What remains after the last backward pass when the selection ran on a side stream during it.
+                q, g, v, r = work
+                ck.rgp_sgd_step_(q, g, nat, adv, v, lr=LR, momentum=MOMENTUM, weight_decay=WD, alpha=ALPHA, p=P,
+                                 revision=r, decay=DECAY, thresholds=given[0], nonfinite=given[1], backend=backend)
+
             def unfused(mask_fn, work=work, nat=nat, adv=adv):
                 q, g, v, r = work
                 mask_fn(g, nat, adv)
@@ -238,6 +247,9 @@ def bench_fused_step(device: torch.device, models: list[str], reps: int, dry: bo
             providers |= {f"{b}+torch-sgd": functools.partial(unfused, bench_mask.BASELINES[b])
                           for b in ("torch-kthvalue", "torch-sort")}
             providers |= {f"cure-{b}": functools.partial(ours, b) for b in _our_backends(device)}
+            providers |= {f"cure-{b}-apply": functools.partial(apply_only, b, ck.rgp_select(nat, adv, alpha=ALPHA, p=P,
+                                                                                           backend=b))
+                          for b in _our_backends(device)}
             for name, fn in providers.items():
                 try:
                     restore()

@@ -25,7 +25,14 @@ TORCH_LIBRARY(cure, m) {
   // op (cure_kernels/sgd_step.py states the formula). revision may be empty (no EMA). skip: a one-element
   // device tensor; where nonzero, or where any score is not finite, params and momentum are untouched.
   // Returns (thresholds float32[T], kept int64[T], nonfinite int64[T]).
+  // thresholds, nonfinite: both None (the op selects), or both given, float32[T] and int64[T] on the tensors'
+  // device as cure::rgp_select returns them: the op skips its selection and applies them; the statistics
+  // echo them (copies) and the skip decision reads nonfinite.
   m.def("rgp_sgd_step(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor[] grads_nat, Tensor[] grads_adv,"
         " Tensor(c!)[] momentum_buffers, Tensor(d!)[] revision, float lr, float momentum, float weight_decay,"
-        " float alpha, float p, str mask_mode, float decay, Tensor? skip) -> (Tensor, Tensor, Tensor)");
+        " float alpha, float p, str mask_mode, float decay, Tensor? skip, Tensor? thresholds=None,"
+        " Tensor? nonfinite=None) -> (Tensor, Tensor, Tensor)");
+  // The selection of cure::rgp_mask alone: (thresholds float32[T], nonfinite int64[T]), bit for bit what
+  // cure::rgp_mask and cure::rgp_sgd_step compute. Reads its inputs only.
+  m.def("rgp_select(Tensor[] grads_nat, Tensor[] grads_adv, float alpha, float p) -> (Tensor, Tensor)");
 }

@@ -40,6 +40,14 @@ statistics follow in a small separate update after it. ST, AT, TRADES and the no
 with ``torch.optim.SGD(fused=True)`` (the ablation has no prominence gradients to give the op, and the
 fused SGD is already one multi-tensor kernel); its revision runs through :func:`cure_kernels.revise_`.
 
+Overlap on CUDA: the selection half of that op (every tensor's threshold, from the captured natural and
+adversarial gradients only) does not depend on the last backward pass. A single-process CUDA run with a
+fast kernel backend (:func:`overlaps_selection`) therefore queues :func:`cure_kernels.rgp_select` on a side
+stream right after the adversarial backward pass, runs ``loss.backward()`` on the current stream meanwhile,
+waits for the side stream, and calls ``rgp_sgd_step_(..., thresholds=, nonfinite=)``, which runs the apply
+pass alone: the same bits as the one call (:func:`_start_selection` explains the stream ordering and the
+allocator). On CPU and in data-parallel runs the step makes the one call.
+
 Faults without host synchronisation: every step computes a device flag ``bad`` (the loss is not finite,
 or the mask saw NaN/inf scores). The fused SGD kernel reads the ``found_inf`` tensor on the device and
 :func:`cure_kernels.rgp_sgd_step_` its ``skip`` tensor (it also skips on its own when a score is not
@@ -74,10 +82,11 @@ from cure.attacks import mart_pgd, pgd, trades_pgd
 from cure.config import TrainConfig
 from cure.distributed import DistributedContext, all_reduce_mean_
 from cure.revision import RevisionModel
-from cure_kernels import MaskStats, ProminenceMasker, rgp_sgd_step_
+from cure_kernels import MaskStats, ProminenceMasker, backends, rgp_select, rgp_sgd_step_
 
 __all__ = [
     "build_step_context",
+    "overlaps_selection",
     "StepContext",
     "StepResult",
     "STEP_FUNCTIONS",
@@ -125,7 +134,11 @@ class StepContext:
     cure_step: int = 0  # t: steps taken in the CURE stage so far
     revision_rate: float = 0.2  # current r (the trainer lowers it late in training if configured)
     dist: DistributedContext = field(default_factory=DistributedContext)  # world size 1: no collectives
+    # Run the mask's selection on a side CUDA stream during the last backward pass where that is possible
+    # (see overlaps_selection); False keeps the one-call path everywhere (it gives the same bits).
+    overlap_selection: bool = True
     _param_numel: int = field(default=0, init=False)
+    _selection_stream: torch.cuda.Stream | None = field(default=None, init=False)  # created on first use
 
     def __post_init__(self) -> None:
         self._param_numel = sum(q.numel() for q in self.module.parameters() if q.requires_grad)
@@ -326,10 +339,83 @@ def _momentum_buffers(optimizer: torch.optim.SGD, params: list[Tensor]) -> list[
     return buffers
 
 
-def _fused_update(ctx: StepContext, bad: Tensor, revision_decay: float | None) -> MaskStats:
+FAST_SELECTION_BACKENDS = ("triton", "cuda")
+
+
+def overlaps_selection(device: torch.device, backend: str, distributed: bool) -> bool:
+    """Whether a CURE step on ``device`` with kernel backend ``backend`` runs the mask's selection
+    (:func:`cure_kernels.rgp_select`) on a side stream while its last backward pass runs.
+
+    Only on CUDA (a CPU op runs on the calling thread: there is nothing to overlap), only with a backend
+    that neither synchronises with the host nor runs on it (Triton or the CUDA kernels, as ``backend``
+    resolves for ``rgp_select``; the reference synchronises on every call), and not in data-parallel runs:
+    there the captured gradients are all-reduced after the last backward pass, so they are not final
+    before it.
+    """
+    if device.type != "cuda" or distributed:
+        return False
+    if backend == "auto":
+        name = backends.auto_backend(device, "rgp_select")
+    elif backends.unavailable_reason(backend, device, "rgp_select") is None:
+        name = backend
+    else:
+        return False
+    return name in FAST_SELECTION_BACKENDS
+
+
+def _start_selection(ctx: StepContext) -> tuple[torch.cuda.Stream, Tensor, Tensor]:
+    """Queue :func:`cure_kernels.rgp_select` of the captured gradients on the context's side stream and
+    return ``(side stream, thresholds, nonfinite)``; the caller makes main wait for ``side`` right after
+    queueing the last backward pass, also when that raises (:func:`cure_step`), before anything reads them.
+
+    Ordering: the captured gradients were written by the backward passes on the current ("main") stream,
+    so ``side`` first waits for everything queued on main so far; the selection kernels then run on
+    ``side`` while the caller queues ``loss.backward()`` on main. That backward pass writes ``.grad`` (the
+    masker's update buffers) and never the captured buffers, which nothing writes again before main has
+    waited for ``side`` (the next step's capture zeroes them on main, after that wait): no race. Main
+    waits for ``side`` once, on the device; the host never waits.
+
+    Memory (the caching allocator reuses a freed block at once for later allocations on the stream that
+    allocated it, without regard to other streams):
+
+    * thresholds and nonfinite are allocated on ``side`` and read on main by the apply pass; when the
+      caller drops them, their blocks could go to a new allocation on ``side`` while main's kernels still
+      read them. ``record_stream(main)`` makes the allocator, when they are freed, wait for the work
+      queued on main by then before it reuses their blocks.
+    * the captured buffers (allocated on main) are read on ``side``. They live as long as the masker, but
+      if it were dropped mid-step (an exception before the wait), their blocks could be reused on main
+      while ``side`` still reads them: ``record_stream(side)`` on each flat buffer covers that.
+    * the selection's own workspaces (and packed copies) are allocated and freed on ``side``, so any
+      reuse is ordered after the kernels that used them. Triton's per-layout tables, uploaded on
+      ``side`` by the first call (a blocking copy) and read by both streams afterwards, stay cached for
+      the run.
+    """
+    masker = ctx.masker
+    device = masker.params[0].device
+    if ctx._selection_stream is None:
+        ctx._selection_stream = torch.cuda.Stream(device=device)
+    side = ctx._selection_stream
+    main = torch.cuda.current_stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        thresholds, nonfinite = rgp_select(masker.grads_nat, masker.grads_adv, alpha=masker.alpha, p=masker.p,
+                                           backend=masker.backend)
+    for kind in ("nat", "adv"):
+        for buf in masker.buffers[kind].values():
+            buf.record_stream(side)
+    thresholds.record_stream(main)
+    nonfinite.record_stream(main)
+    return side, thresholds, nonfinite
+
+
+def _fused_update(ctx: StepContext, bad: Tensor, revision_decay: float | None,
+                  selection: tuple[torch.cuda.Stream, Tensor, Tensor] | None = None) -> MaskStats:
     """Conserve, update and (when ``revision_decay`` is given) revise the parameters in one
     :func:`cure_kernels.rgp_sgd_step_` call over all of them; skipped on the device when ``bad`` is set or
-    a score is not finite (the gradients are still masked and the revision still moves)."""
+    a score is not finite (the gradients are still masked and the revision still moves).
+
+    ``selection``: what :func:`_start_selection` returned, the current stream having waited for its side
+    stream: the op applies those thresholds (its apply pass alone; the same bits as selecting here)."""
     masker = ctx.masker
     params = masker.params
     # A .grad that is not the masker's view (replaced by autograd or the caller) is masked where it is.
@@ -338,6 +424,9 @@ def _fused_update(ctx: StepContext, bad: Tensor, revision_decay: float | None) -
     revision = None
     if revision_decay is not None:
         revision = ctx.revision.counterparts(params)
+    thresholds = nonfinite = None
+    if selection is not None:
+        _, thresholds, nonfinite = selection
     stats = rgp_sgd_step_(
         params,
         grads,
@@ -353,6 +442,8 @@ def _fused_update(ctx: StepContext, bad: Tensor, revision_decay: float | None) -
         revision=revision,
         decay=0.0 if revision_decay is None else revision_decay,
         skip=bad,
+        thresholds=thresholds,
+        nonfinite=nonfinite,
         backend=masker.backend,
     )
     # This was the optimizer's step: lr schedulers check for one before their own step.
@@ -392,13 +483,25 @@ def cure_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
         loss = loss_adv + cfg.gamma * loss_cr
     # 3. Gradients: dL_nat/dw and dL_rob/dw into the masker's buffers, dL/dw into .grad.
     stats: MaskStats | None = None
+    selection = None
     if masker is not None:
         loss_rob = F.cross_entropy(logits_adv.float(), y)  # L_rob: prominence only
         with masker.capture("nat"):
             loss_nat.backward(retain_graph=True)
         with masker.capture("adv"):
             loss_rob.backward(retain_graph=True)
-    loss.backward()
+        # The captured gradients are final now: on CUDA the mask's selection runs on a side stream while
+        # the last backward pass runs on the current one.
+        if ctx.overlap_selection and overlaps_selection(masker.params[0].device, masker.backend, ctx.dist.enabled):
+            selection = _start_selection(ctx)
+    try:
+        loss.backward()
+    finally:
+        if selection is not None:
+            # Main waits for the selection (on the device) once the last backward pass is queued; also when
+            # that pass raised, so that nothing queued on main later (the next step's capture zeroing the
+            # captured buffers) can overtake the side stream's reads.
+            torch.cuda.current_stream(masker.params[0].device).wait_stream(selection[0])
     # Data-parallel: one packed all-reduce of the three gradients, the BatchNorm buffers and the loss.
     loss = _reduce(ctx, loss, captured=masker is not None)
     bad = ~torch.isfinite(loss)
@@ -411,7 +514,7 @@ def cure_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
     if masker is not None:
         # 4-6. Conserve (zero the least prominent fraction p of dL/dw in every tensor), update (skipped on
         # the device when bad) and revise the parameters: one op.
-        stats = _fused_update(ctx, bad, revision_decay)
+        stats = _fused_update(ctx, bad, revision_decay, selection)
         bad = bad | (stats.nonfinite.sum() > 0)
         _restore_buffers(ctx, bad, buffers)
         if revision_decay is not None:

@@ -7,9 +7,9 @@ When each backend synchronises the host with the device (waits for queued device
 
 * ``reference``: on every call. It computes the quantiles with numpy, so it copies the scores to the
   host; the statistics it returns are built on the host and copied back.
-* ``triton``: ``rgp_mask_`` and ``rgp_sgd_step_`` build per-tensor tables (offsets, ranks, interpolation
-  weights) on the host and copy them to the device with ``torch.tensor(..., device=...)``, a blocking
-  copy that waits for the current stream. This happens on the first call for each combination of
+* ``triton``: ``rgp_mask_``, ``rgp_select`` and ``rgp_sgd_step_`` build per-tensor tables (offsets, ranks,
+  interpolation weights) on the host and copy them to the device with ``torch.tensor(..., device=...)``,
+  a blocking copy that waits for the current stream. This happens on the first call for each combination of
   device, ``p`` and per-tensor dtypes and sizes; the tables are then cached (the 32 most recently used
   combinations), so a training loop with a fixed ``p`` pays it once, and a ``p`` that changes every step
   pays it every step. ``revise_`` never synchronises.
@@ -27,7 +27,7 @@ import torch
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 BUILD_COMMAND = "pip install --no-build-isolation -e .   (from the repository root)"
-CXX_OPS = ("rgp_mask", "revise", "rgp_sgd_step")  # the C++ op names (csrc/cure_ops.cpp)
+CXX_OPS = ("rgp_mask", "revise", "rgp_sgd_step", "rgp_select")  # the C++ op names (csrc/cure_ops.cpp)
 
 # The backend "auto" picks, per device type: the first of the row that can run here.
 #

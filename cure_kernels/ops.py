@@ -14,9 +14,10 @@ functions work under ``torch.compile(fullgraph=True)``.
 Like PyTorch's own in-place ops, every op bumps the version counter of each tensor it writes, so
 autograd refuses a backward pass that would read a value saved before the op overwrote it. The
 Python ops get this from ``torch.library.custom_op`` (``mutates_args``); the C++ ops get it from an
-``ADInplaceOrView`` kernel registered below for each of them (``cure::rgp_mask``, ``cure::revise``,
-``cure::rgp_sgd_step``), which bumps every argument the schema marks as written (``Tensor(a!)[]``)
-and redispatches to the CPU or CUDA kernel.
+``ADInplaceOrView`` kernel registered below for each of them that writes (``cure::rgp_mask``,
+``cure::revise``, ``cure::rgp_sgd_step``; ``cure::rgp_select``, in :mod:`cure_kernels.select`, only
+reads), which bumps every argument the schema marks as written (``Tensor(a!)[]``) and redispatches to
+the CPU or CUDA kernel.
 
 Host synchronisation: :mod:`cure_kernels.backends` states when each backend waits for the device.
 """
@@ -108,6 +109,12 @@ if backends.PROBE.extension_error is None:
     torch.library.register_fake("cure::revise")(_revise_fake)
 
 
+def _writes(name: str) -> bool:
+    """Whether the C++ op ``cure::name`` writes any of its arguments (``cure::rgp_select`` writes none)."""
+    return any(a.alias_info is not None and a.alias_info.is_write
+               for a in getattr(torch.ops.cure, name).default._schema.arguments)
+
+
 def _register_version_bumps(library: torch.library.Library, name: str) -> None:
     """Register, for the C++ op ``cure::name``, an ``ADInplaceOrView`` kernel that bumps the version
     counter of every tensor of every argument its schema marks as written, then runs the op's kernel.
@@ -133,7 +140,7 @@ def _register_version_bumps(library: torch.library.Library, name: str) -> None:
 
 _cxx_library = torch.library.Library("cure", "IMPL")  # kept alive: its registrations last as long as it
 for _name in backends.CXX_OPS:
-    if (backends.PROBE.extension_error is None and hasattr(torch.ops.cure, _name)
+    if (backends.PROBE.extension_error is None and hasattr(torch.ops.cure, _name) and _writes(_name)
             and not torch._C._dispatch_has_kernel_for_dispatch_key(f"cure::{_name}", "ADInplaceOrView")):
         _register_version_bumps(_cxx_library, _name)
 

@@ -24,6 +24,8 @@ __all__ = [
     "quantile_threshold",
     "threshold_from_order_statistics",
     "rgp_mask_reference",
+    "rgp_select_reference",
+    "apply_mask_reference",
     "revise_reference",
 ]
 
@@ -65,17 +67,50 @@ def threshold_from_order_statistics(a: float, b: float, n: int, p: float) -> flo
         return float(np.float32(b32 - np.float32(d * np.float32(1.0 - g))))
 
 
+def _select_one(grad_nat: torch.Tensor, grad_adv: torch.Tensor, alpha: float, p: float) -> tuple[float, int]:
+    """The threshold and the number of non-finite scores of one tensor (NaN, 0 for an empty one)."""
+    if grad_nat.numel() == 0:
+        return float("nan"), 0
+    scores = rgp_scores(grad_nat, grad_adv, alpha)
+    return quantile_threshold(scores, p), int((~torch.isfinite(scores)).sum())
+
+
+def _mask_one(update: torch.Tensor, grad_nat: torch.Tensor, grad_adv: torch.Tensor, alpha: float,
+              thr: torch.Tensor | float) -> int:
+    """Zero ``update[s < thr]`` in place; return the number of entries kept."""
+    if update.numel() == 0:
+        return 0
+    scores = rgp_scores(grad_nat, grad_adv, alpha)
+    conserved = scores < torch.as_tensor(thr, dtype=torch.float32).to(scores.device)
+    update.masked_fill_(conserved, 0)
+    return update.numel() - int(conserved.sum())
+
+
 def _rgp_mask_one(update: torch.Tensor, grad_nat: torch.Tensor, grad_adv: torch.Tensor,
                   alpha: float, p: float) -> tuple[float, int, int]:
-    if update.numel() == 0:
-        return float("nan"), 0, 0
-    scores = rgp_scores(grad_nat, grad_adv, alpha)
-    thr = quantile_threshold(scores, p)
-    conserved = scores < torch.tensor(thr, dtype=torch.float32, device=scores.device)
-    update.masked_fill_(conserved, 0)
-    kept = update.numel() - int(conserved.sum())
-    nonfinite = int((~torch.isfinite(scores)).sum())
-    return thr, kept, nonfinite
+    thr, nonfinite = _select_one(grad_nat, grad_adv, alpha, p)
+    return thr, _mask_one(update, grad_nat, grad_adv, alpha, thr), nonfinite
+
+
+def rgp_select_reference(grads_nat: Sequence[torch.Tensor], grads_adv: Sequence[torch.Tensor], alpha: float,
+                         p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selection of :func:`rgp_mask_reference` alone: ``(thresholds float32[T], nonfinite int64[T])``
+    on the tensors' device, the same values it returns. Reads its inputs only; synchronises with the host."""
+    results = [_select_one(gn, ga, alpha, p) for gn, ga in zip(grads_nat, grads_adv)]
+    device = grads_nat[0].device if len(grads_nat) else torch.device("cpu")
+    thresholds = torch.tensor([r[0] for r in results], dtype=torch.float32, device=device)
+    nonfinite = torch.tensor([r[1] for r in results], dtype=torch.int64, device=device)
+    return thresholds, nonfinite
+
+
+def apply_mask_reference(updates: Sequence[torch.Tensor], grads_nat: Sequence[torch.Tensor],
+                         grads_adv: Sequence[torch.Tensor], alpha: float, thresholds: torch.Tensor) -> torch.Tensor:
+    """The apply pass of :func:`rgp_mask_reference` with given thresholds (float32[T]): zero
+    ``updates[i][s < thresholds[i]]`` in place; return kept int64[T] on the tensors' device."""
+    host = thresholds.detach().to("cpu", torch.float32)
+    kept = [_mask_one(u, gn, ga, alpha, host[i]) for i, (u, gn, ga) in enumerate(zip(updates, grads_nat, grads_adv))]
+    device = updates[0].device if len(updates) else torch.device("cpu")
+    return torch.tensor(kept, dtype=torch.int64, device=device)
 
 
 def rgp_mask_reference(updates: Sequence[torch.Tensor], grads_nat: Sequence[torch.Tensor],

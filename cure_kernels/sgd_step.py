@@ -11,6 +11,10 @@ revision list is given, the revision update (paper Eq. 7). Backends:
 
 Both are ``torch.library`` custom ops with fake implementations, so the public function works under
 ``torch.compile(fullgraph=True)``.
+
+Every backend also takes the thresholds and non-finite counts of :func:`cure_kernels.rgp_select`
+(``thresholds=``, ``nonfinite=``): it then skips its selection and runs the apply pass alone, with the
+same result bit for bit (docs/method.md, "Selection ahead of the step").
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from torch import Tensor
 
 from cure_kernels import backends
 from cure_kernels.ops import MaskStats, _mask_stats_like
-from cure_kernels.reference import rgp_mask_reference, rgp_scores
-from cure_kernels.validation import check_fraction, check_nonnegative, check_tensor_lists
+from cure_kernels.reference import apply_mask_reference, rgp_mask_reference, rgp_scores
+from cure_kernels.validation import check_fraction, check_given_stats, check_nonnegative, check_tensor_lists
 
 __all__ = ["rgp_sgd_step_", "rgp_sgd_step_reference", "MASK_MODES", "SGD_STEP_BACKENDS"]
 
@@ -39,7 +43,8 @@ def _f32(x: float) -> Tensor:
 def rgp_sgd_step_reference(params: Sequence[Tensor], grads: Sequence[Tensor], grads_nat: Sequence[Tensor],
                            grads_adv: Sequence[Tensor], momentum_buffers: Sequence[Tensor],
                            revision: Sequence[Tensor], lr: float, momentum: float, weight_decay: float,
-                           alpha: float, p: float, mask_mode: str, decay: float, skip: Tensor | None = None
+                           alpha: float, p: float, mask_mode: str, decay: float, skip: Tensor | None = None,
+                           thresholds: Tensor | None = None, nonfinite: Tensor | None = None
                            ) -> tuple[Tensor, Tensor, Tensor]:
     """The oracle of :func:`rgp_sgd_step_` (same arguments; ``revision`` empty means no revision update).
 
@@ -52,9 +57,15 @@ def rgp_sgd_step_reference(params: Sequence[Tensor], grads: Sequence[Tensor], gr
         skip given and (skip != 0 or any score of the call not finite): param' = param, buf' = buf
 
     Returns ``(thresholds, kept, nonfinite)`` like :func:`~cure_kernels.reference.rgp_mask_reference`.
+    With ``thresholds`` and ``nonfinite`` given (both), they replace the selection: the mask is
+    :func:`~cure_kernels.reference.apply_mask_reference` with them and the statistics are copies of them.
     Synchronises with the host (numpy): oracle only.
     """
-    thresholds, kept, nonfinite = rgp_mask_reference(grads, grads_nat, grads_adv, alpha, p)
+    if thresholds is None:
+        thresholds, kept, nonfinite = rgp_mask_reference(grads, grads_nat, grads_adv, alpha, p)
+    else:
+        kept = apply_mask_reference(grads, grads_nat, grads_adv, alpha, thresholds)
+        thresholds, nonfinite = thresholds.clone(), nonfinite.clone()
     skipped = None
     if skip is not None:
         skipped = (skip.reshape(()) != 0) | (nonfinite.sum() > 0)
@@ -95,23 +106,23 @@ _MUTATED = ("params", "grads", "momentum_buffers", "revision")
 def _rgp_sgd_step_reference(params: list[Tensor], grads: list[Tensor], grads_nat: list[Tensor],
                             grads_adv: list[Tensor], momentum_buffers: list[Tensor], revision: list[Tensor],
                             lr: float, momentum: float, weight_decay: float, alpha: float, p: float,
-                            mask_mode: str, decay: float, skip: Tensor | None
-                            ) -> tuple[Tensor, Tensor, Tensor]:
+                            mask_mode: str, decay: float, skip: Tensor | None, thresholds: Tensor | None = None,
+                            nonfinite: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     return rgp_sgd_step_reference(params, grads, grads_nat, grads_adv, momentum_buffers, revision, lr,
-                                  momentum, weight_decay, alpha, p, mask_mode, decay, skip)
+                                  momentum, weight_decay, alpha, p, mask_mode, decay, skip, thresholds, nonfinite)
 
 
 @torch.library.custom_op("cure::rgp_sgd_step_triton", mutates_args=_MUTATED)
 def _rgp_sgd_step_triton(params: list[Tensor], grads: list[Tensor], grads_nat: list[Tensor],
                          grads_adv: list[Tensor], momentum_buffers: list[Tensor], revision: list[Tensor],
                          lr: float, momentum: float, weight_decay: float, alpha: float, p: float,
-                         mask_mode: str, decay: float, skip: Tensor | None
-                         ) -> tuple[Tensor, Tensor, Tensor]:
+                         mask_mode: str, decay: float, skip: Tensor | None, thresholds: Tensor | None = None,
+                         nonfinite: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     # Imported here: TRITON_INTERPRET must be read when the kernels are defined.
     from cure_kernels.triton_sgd_step import rgp_sgd_step_triton
 
     return rgp_sgd_step_triton(params, grads, grads_nat, grads_adv, momentum_buffers, revision, lr, momentum,
-                               weight_decay, alpha, p, mask_mode, decay, skip)
+                               weight_decay, alpha, p, mask_mode, decay, skip, thresholds, nonfinite)
 
 
 for _op in (_rgp_sgd_step_reference, _rgp_sgd_step_triton):
@@ -131,6 +142,7 @@ def rgp_sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], grads_nat: 
                   grads_adv: Sequence[Tensor], momentum_buffers: Sequence[Tensor], *, lr: float, momentum: float,
                   weight_decay: float, alpha: float, p: float, mask_mode: str = "grad",
                   revision: Sequence[Tensor] | None = None, decay: float = 0.0, skip: Tensor | None = None,
+                  thresholds: Tensor | None = None, nonfinite: Tensor | None = None,
                   backend: str = "auto") -> MaskStats:
     """CURE's conserve, update and revise steps (paper Eqs. 6 and 7) for a list of parameters, in place.
 
@@ -170,6 +182,13 @@ def rgp_sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], grads_nat: 
         mask_mode: "grad" or "update".
         revision: the revision model's parameters, one per param, or None for no revision update.
         skip: None, or a one-element tensor on the tensors' device; see above.
+        thresholds, nonfinite: None (the op selects the thresholds), or both, as
+            :func:`cure_kernels.rgp_select` returns them for the same ``grads_nat``, ``grads_adv``, ``alpha``
+            and ``p`` (float32[T] and int64[T], contiguous, on the tensors' device): the op then skips its
+            selection and applies them; the skip decision reads ``nonfinite``. The returned statistics are
+            copies of them with ``kept`` counted by the apply pass, and everything the op writes is bit for
+            bit what the call without them writes. Computing them earlier, for example on a side CUDA
+            stream while the last backward pass runs, leaves only the apply pass here (docs/method.md).
         backend: "auto" (the C++ kernel on CPU tensors, Triton on CUDA tensors when Triton is available,
             else the C++ CUDA kernel), "reference", "cpu", "triton" or "cuda".
 
@@ -205,6 +224,7 @@ def rgp_sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], grads_nat: 
             raise ValueError(f"skip must be None or a one-element real tensor on {device} (for example "
                              f"~torch.isfinite(loss)), got {skip!r}")
         skip = skip.detach().reshape(())
+    given = check_given_stats(thresholds, nonfinite, len(grs), device)
     name = _resolve(backend, device)
     if not grs:
         return MaskStats(*_mask_stats_like(grs))
@@ -212,5 +232,9 @@ def rgp_sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], grads_nat: 
           "cpu": getattr(torch.ops.cure, "rgp_sgd_step", None), "cuda": getattr(torch.ops.cure, "rgp_sgd_step", None)
           }[name]
     with torch.no_grad():
-        out = op(prms, grs, gns, gas, bufs, revs, lr, momentum, weight_decay, alpha, p, mask_mode, decay, skip)
+        if given is None:
+            out = op(prms, grs, gns, gas, bufs, revs, lr, momentum, weight_decay, alpha, p, mask_mode, decay, skip)
+        else:
+            out = op(prms, grs, gns, gas, bufs, revs, lr, momentum, weight_decay, alpha, p, mask_mode, decay, skip,
+                     *given)
     return MaskStats(*out)

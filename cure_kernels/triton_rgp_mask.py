@@ -73,6 +73,7 @@ from torch import Tensor
 
 __all__ = [
     "rgp_mask_triton",
+    "rgp_select_triton",
     "plan_groups",
     "select_thresholds",
     "score_keys",
@@ -883,3 +884,29 @@ def rgp_mask_triton(updates: list[Tensor], grads_nat: list[Tensor], grads_adv: l
         _mask_group(group, [updates[i] for i in idx], [grads_nat[i] for i in idx],
                     [grads_adv[i] for i in idx], alpha32, beta32, thresholds, kept, nonfinite)
     return thresholds, kept, nonfinite
+
+
+def rgp_select_triton(grads_nat: list[Tensor], grads_adv: list[Tensor], alpha: float, p: float
+                      ) -> tuple[Tensor, Tensor]:
+    """The selection of :func:`rgp_mask_triton` alone (no mask pass): ``(thresholds float32[T],
+    nonfinite int64[T])`` on the tensors' device, the same launches and so the same bits. Reads its inputs
+    only; synchronises with the host only when it uploads its tables (as :func:`rgp_mask_triton`).
+    """
+    num = len(grads_nat)
+    device = grads_nat[0].device if num else torch.device("cpu")
+    thresholds = torch.empty(num, dtype=torch.float32, device=device)
+    nonfinite = torch.empty(num, dtype=torch.int64, device=device)
+    if num == 0:
+        return thresholds, nonfinite
+    alpha32 = float(np.float32(alpha))
+    beta32 = float(np.float32(1.0 - alpha))
+    _last_states.clear()
+    for group in plan_groups(grads_nat, float(p)):
+        idx = group.members
+        if group.num_chunks == 0:  # only empty tensors: NaN thresholds, no non-finite scores
+            select_thresholds(group, grads_nat[idx[0]], grads_nat[idx[0]], alpha32, beta32, thresholds, nonfinite)
+            continue
+        nat, _ = flatten_tensors([grads_nat[i] for i in idx])
+        adv, _ = flatten_tensors([grads_adv[i] for i in idx])
+        select_thresholds(group, nat, adv, alpha32, beta32, thresholds, nonfinite)
+    return thresholds, nonfinite

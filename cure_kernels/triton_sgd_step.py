@@ -15,7 +15,8 @@ The thresholds of every dtype group come first from :func:`cure_kernels.triton_r
 (sampling bracket: one read of g_nat/g_adv, 8 B/element on large tensors; radix path for small tensors
 and bracket misses). Only then, with ``skip``, is the skip flag formed on the device (skip != 0 or any
 non-finite count of the whole call: three tiny PyTorch launches, no host synchronisation), and the
-apply pass of each group runs: ``_sgd_step_kernel`` loads g, param, buf (and rev) and, when the
+apply pass of each group runs (given thresholds and non-finite counts, from ``rgp_select_triton``, replace
+the selection: then only the apply pass runs): ``_sgd_step_kernel`` loads g, param, buf (and rev) and, when the
 threshold can mask anything (> 0), g_nat and g_adv, all before any store; then stores the masked g
 (whole, when the threshold is > 0: full sectors instead of partial ones), param and buf (not where
 frozen, nowhere when skipped) and rev. In float32 that pass moves 8 (scores) + 12 (g, param, buf read)
@@ -248,25 +249,34 @@ def _step_group(group: _Group, lists: list[list[Tensor]], nat: Tensor, adv: Tens
 def rgp_sgd_step_triton(params: list[Tensor], grads: list[Tensor], grads_nat: list[Tensor],
                         grads_adv: list[Tensor], momentum_buffers: list[Tensor], revision: list[Tensor],
                         lr: float, momentum: float, weight_decay: float, alpha: float, p: float,
-                        mask_mode: str, decay: float, skip: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                        mask_mode: str, decay: float, skip: Tensor | None = None,
+                        given_thresholds: Tensor | None = None, given_nonfinite: Tensor | None = None
+                        ) -> tuple[Tensor, Tensor, Tensor]:
     """The fused step in place (module docstring); ``revision`` empty means no revision update.
 
     Arguments are checked by :func:`cure_kernels.rgp_sgd_step_` first. Returns ``(thresholds float32[T],
     kept int64[T], nonfinite int64[T])``, bit for bit :func:`cure_kernels.sgd_step.rgp_sgd_step_reference`,
-    without a host synchronisation.
+    without a host synchronisation. With ``given_thresholds`` and ``given_nonfinite`` (both, as
+    :func:`~cure_kernels.triton_rgp_mask.rgp_select_triton` returns them) the selection is skipped: only
+    the apply pass runs, and the statistics are copies of them with kept counted by that pass.
     """
     num = len(params)
     device = params[0].device if num else torch.device("cpu")
-    thresholds = torch.empty(num, dtype=torch.float32, device=device)
+    given = given_thresholds is not None
+    if given:
+        thresholds, nonfinite = given_thresholds.clone(), given_nonfinite.clone()
+    else:
+        thresholds = torch.empty(num, dtype=torch.float32, device=device)
+        nonfinite = torch.empty(num, dtype=torch.int64, device=device)
     kept = torch.zeros(num, dtype=torch.int64, device=device)
-    nonfinite = torch.empty(num, dtype=torch.int64, device=device)
     if num == 0:
         return thresholds, kept, nonfinite
     f32 = np.float32
     # Every scalar rounded to float32 once on the host; 1 - alpha and 1 - decay computed in double first.
     scalars = tuple(float(f32(x)) for x in (alpha, 1.0 - alpha, lr, momentum, weight_decay, decay, 1.0 - decay))
     revise = len(revision) > 0
-    _last_states.clear()
+    if not given:  # (with given thresholds, the bracket statistics stay those of the call that selected them)
+        _last_states.clear()
     # Selection for every group first: with skip=, any non-finite score of the call decides the update of all.
     work = []
     for group in plan_groups(grads, float(p)):
@@ -274,11 +284,14 @@ def rgp_sgd_step_triton(params: list[Tensor], grads: list[Tensor], grads_nat: li
         lists = [[src[i] for i in idx] if src else [] for src in
                  (grads, grads_nat, grads_adv, params, momentum_buffers, revision)]
         if group.num_chunks == 0:  # only empty tensors: NaN thresholds, nothing to update
-            select_thresholds(group, grads[idx[0]], grads[idx[0]], scalars[0], scalars[1], thresholds, nonfinite)
+            if not given:
+                select_thresholds(group, grads[idx[0]], grads[idx[0]], scalars[0], scalars[1], thresholds,
+                                  nonfinite)
             continue
         nat, _ = flatten_tensors(lists[1])
         adv, _ = flatten_tensors(lists[2])
-        select_thresholds(group, nat, adv, scalars[0], scalars[1], thresholds, nonfinite)
+        if not given:
+            select_thresholds(group, nat, adv, scalars[0], scalars[1], thresholds, nonfinite)
         work.append((group, lists, nat, adv))
     skip_flag = None
     if skip is not None:  # on the device: no host synchronisation

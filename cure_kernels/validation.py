@@ -252,3 +252,34 @@ def _element_offsets(t: Tensor) -> Tensor:
     for size, stride in zip(t.shape, t.stride()):
         offsets = offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
     return offsets.reshape(-1)
+
+
+# --- given selection statistics ------------------------------------------------------------------
+def check_given_stats(thresholds: object, nonfinite: object, count: int,
+                      device: torch.device) -> tuple[Tensor, Tensor] | None:
+    """The ``thresholds``/``nonfinite`` arguments of an op that can skip its selection: both None (returns
+    None), or both given as :func:`cure_kernels.rgp_select` returns them -- contiguous 1-D tensors of
+    ``count`` elements, float32 and int64, on ``device`` (returned detached)."""
+    if thresholds is None and nonfinite is None:
+        return None
+    if thresholds is None or nonfinite is None:
+        missing, present = ("thresholds", "nonfinite") if thresholds is None else ("nonfinite", "thresholds")
+        raise ValueError(f"{present} was given without {missing}; pass both, as cure_kernels.rgp_select returns "
+                         f"them ((thresholds, nonfinite) = rgp_select(grads_nat, grads_adv, alpha=..., p=...)), "
+                         f"or neither")
+    out = []
+    for name, t, dtype in (("thresholds", thresholds, torch.float32), ("nonfinite", nonfinite, torch.int64)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor (from cure_kernels.rgp_select), got {type(t).__name__}")
+        if t.dim() != 1 or t.numel() != count:
+            raise ValueError(f"{name} must be a 1-D tensor of {count} elements (one per tensor of the lists), got "
+                             f"shape {tuple(t.shape)}")
+        if t.dtype != dtype:
+            raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}; pass what cure_kernels.rgp_select "
+                            f"returns")
+        if t.device != device and count:
+            raise ValueError(f"{name} is on {t.device} but the tensors are on {device}; compute it on their device")
+        if t.layout != torch.strided or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous; pass {name}.contiguous()")
+        out.append(t.detach())
+    return out[0], out[1]

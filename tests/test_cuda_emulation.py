@@ -85,5 +85,11 @@ def test_sgd_step_exact(checker):
     assert checker.count - start > 50
 
 
+def test_select_exact_and_given_thresholds_step_equals_the_plain_step(checker):
+    start = checker.count
+    emu.check_select(checker, quick=True)
+    assert checker.count - start > 20
+
+
 def test_revise_exact(checker, chunk):
     emu.check_revise(checker, chunk)

@@ -8,7 +8,8 @@
 // and writes the masked g, param, buf (and rev). Without skip it runs right after the tensor's
 // selection (its gradients still in the cache). With skip, the decision (skip nonzero, or any score of
 // the call not finite) needs every tensor's non-finite count, so no parameter is written before every
-// tensor is selected; then one apply pass runs over all tensors' chunks in parallel.
+// tensor is selected; then one apply pass runs over all tensors' chunks in parallel. With thresholds and
+// nonfinite given (from cure::rgp_select), there is no selection: that apply pass runs at once.
 //
 // Per element, in float32 with every product and sum rounded separately (-ffp-contract=off), values
 // upcast exactly from bfloat16/float16 and stored round-to-nearest-even:
@@ -146,7 +147,8 @@ void check_nonnegative(const char* name, double value) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_sgd_step_cpu(
     at::TensorList params, at::TensorList grads, at::TensorList grads_nat, at::TensorList grads_adv,
     at::TensorList momentum_buffers, at::TensorList revision, double lr, double momentum, double weight_decay,
-    double alpha, double p, c10::string_view mask_mode, double decay, const std::optional<at::Tensor>& skip) {
+    double alpha, double p, c10::string_view mask_mode, double decay, const std::optional<at::Tensor>& skip,
+    const std::optional<at::Tensor>& thresholds, const std::optional<at::Tensor>& nonfinite) {
   const int64_t count = static_cast<int64_t>(params.size());
   const bool revise = !revision.empty();
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == count && static_cast<int64_t>(grads_nat.size()) == count &&
@@ -172,6 +174,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_sgd_step_cpu(
                 "cure::rgp_sgd_step (CPU kernel): skip must be a one-element real CPU tensor, got shape ",
                 s.sizes(), " on ", s.device());
     skip_flag = s.to(at::kDouble).item<double>() != 0.0;  // NaN counts as set, as in the reference
+  }
+  TORCH_CHECK(thresholds.has_value() == nonfinite.has_value(),
+              "cure::rgp_sgd_step: thresholds and nonfinite are given together (both from cure::rgp_select) or "
+              "not at all; got only ", thresholds.has_value() ? "thresholds" : "nonfinite");
+  const bool given = thresholds.has_value();
+  if (given) {
+    const std::pair<const char*, std::pair<const at::Tensor*, at::ScalarType>> stats[] = {
+        {"thresholds", {&*thresholds, at::kFloat}}, {"nonfinite", {&*nonfinite, at::kLong}}};
+    for (const auto& [name, t_type] : stats) {
+      const at::Tensor& t = *t_type.first;
+      TORCH_CHECK(t.dim() == 1 && t.numel() == count && t.scalar_type() == t_type.second && t.device().is_cpu() &&
+                      t.is_contiguous(),
+                  "cure::rgp_sgd_step (CPU kernel): ", name, " must be a contiguous 1-D ", t_type.second,
+                  " CPU tensor of ", count, " elements (one per tensor, as cure::rgp_select returns it), got shape ",
+                  t.sizes(), ", dtype ", t.scalar_type(), " on ", t.device());
+    }
   }
 
   std::vector<Entry> entries;
@@ -219,7 +237,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_sgd_step_cpu(
   };
 
   std::vector<cpu::Selection> sel;
-  if (!skip.has_value()) {
+  if (given) {
+    // The thresholds and non-finite counts of cure::rgp_select: no selection here.
+    sel.resize(count);
+    const float* thr_in = thresholds->data_ptr<float>();
+    const int64_t* nonfinite_in = nonfinite->data_ptr<int64_t>();
+    for (int64_t i = 0; i < count; ++i) {
+      sel[i].threshold = thr_in[i];
+      sel[i].nonfinite = nonfinite_in[i];
+    }
+  } else if (!skip.has_value()) {
     // No skip decision to wait for: each tensor is updated right after its selection, while its
     // gradients are still in the cache.
     sel = cpu::select_thresholds(inputs, w, p, [&](int64_t i, const cpu::Selection& s, bool split) {
@@ -227,11 +254,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_sgd_step_cpu(
     });
   } else {
     // Phase 1: every threshold, before anything is written (the skip decision needs every tensor's
-    // non-finite count). Phase 2: the apply pass over all tensors' chunks in parallel.
+    // non-finite count).
     sel = cpu::select_thresholds(inputs, w, p);
+  }
+  if (given || skip.has_value()) {
+    // Phase 2: the apply pass over all tensors' chunks in parallel.
     int64_t nonfinite_total = 0;
     for (const cpu::Selection& s : sel) nonfinite_total += s.nonfinite;
-    const bool step = !(skip_flag || nonfinite_total > 0);
+    const bool step = !(skip.has_value() && (skip_flag || nonfinite_total > 0));
     std::vector<int64_t> sizes(count, 0);
     for (int64_t i = 0; i < count; ++i)
       if (step || revise || cpu::masks_anything(sel[i].threshold)) sizes[i] = entries[i].n;

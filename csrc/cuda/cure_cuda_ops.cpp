@@ -1,4 +1,4 @@
-// CUDA implementations of cure::rgp_mask, cure::rgp_sgd_step and cure::revise (schemas in
+// CUDA implementations of cure::rgp_mask, cure::rgp_sgd_step, cure::rgp_select and cure::revise (schemas in
 // csrc/cure_ops.cpp): ATen glue around the kernels of rgp_mask_kernels.cu, sgd_step_kernels.cu and
 // revise_kernels.cu. Every launch goes to the current
 // stream of the tensors' device; nothing here waits for the GPU.
@@ -44,13 +44,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_mask_cuda(at::TensorList upda
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_sgd_step_cuda(
     at::TensorList params, at::TensorList grads, at::TensorList grads_nat, at::TensorList grads_adv,
     at::TensorList momentum_buffers, at::TensorList revision, double lr, double momentum, double weight_decay,
-    double alpha, double p, c10::string_view mask_mode, double decay, const std::optional<at::Tensor>& skip) {
+    double alpha, double p, c10::string_view mask_mode, double decay, const std::optional<at::Tensor>& skip,
+    const std::optional<at::Tensor>& thresholds, const std::optional<at::Tensor>& nonfinite) {
   TORCH_CHECK(!grads.empty(), "rgp_sgd_step: empty tensor lists carry no device; handle them before dispatch");
   const c10::cuda::CUDAGuard guard(grads[0].device());
   CudaExec exec{c10::cuda::getCurrentCUDAStream().stream()};
   return rgp_sgd_step_run(params, grads, grads_nat, grads_adv, momentum_buffers, revision, lr, momentum,
                           weight_decay, alpha, p, std::string_view(mask_mode.data(), mask_mode.size()), decay, skip,
-                          exec);
+                          thresholds, nonfinite, exec);
+}
+
+std::tuple<at::Tensor, at::Tensor> rgp_select_cuda(at::TensorList grads_nat, at::TensorList grads_adv, double alpha,
+                                                   double p) {
+  TORCH_CHECK(!grads_nat.empty(), "rgp_select: empty tensor lists carry no device; handle them before dispatch");
+  const c10::cuda::CUDAGuard guard(grads_nat[0].device());
+  CudaExec exec{c10::cuda::getCurrentCUDAStream().stream()};
+  return rgp_select_run(grads_nat, grads_adv, alpha, p, exec);
 }
 
 void revise_cuda(at::TensorList revision, at::TensorList params, double decay) {
@@ -66,5 +75,6 @@ void revise_cuda(at::TensorList revision, at::TensorList params, double decay) {
 TORCH_LIBRARY_IMPL(cure, CUDA, m) {
   m.impl("rgp_mask", &cure_cuda::rgp_mask_cuda);
   m.impl("rgp_sgd_step", &cure_cuda::rgp_sgd_step_cuda);
+  m.impl("rgp_select", &cure_cuda::rgp_select_cuda);
   m.impl("revise", &cure_cuda::revise_cuda);
 }

@@ -96,6 +96,69 @@ Selection select_run(const std::vector<MaskInput>& inputs, const at::Device& dev
   return sel;
 }
 
+// cure::rgp_select (csrc/cure_ops.cpp): the selection kernels of rgp_mask_run without its apply pass.
+// Returns (thresholds float32[T], nonfinite int64[T]); nothing is written to the inputs.
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor> rgp_select_run(at::TensorList grads_nat, at::TensorList grads_adv, double alpha,
+                                                  double p, Exec& exec) {
+  const size_t T = grads_nat.size();
+  TORCH_CHECK(grads_adv.size() == T, "tensor lists must have equal lengths, got len(grads_nat)=", T,
+              ", len(grads_adv)=", grads_adv.size());
+  check_fraction("alpha", alpha);
+  check_fraction("p", p);
+  const at::Device device = T > 0 ? grads_nat[0].device() : at::Device(at::kCPU);
+  std::vector<at::Tensor> nat(T), adv(T);
+  std::vector<MaskInput> inputs(T);
+  for (size_t i = 0; i < T; ++i) {
+    const uint32_t code = dtype_code(grads_nat[i], "grads_nat", i);
+    check_like(grads_nat[i], "grads_nat", grads_nat[i], "grads_nat", i, device);
+    check_like(grads_adv[i], "grads_adv", grads_nat[i], "grads_nat", i, device);
+    const int64_t n = grads_nat[i].numel();
+    TORCH_CHECK(n <= kMaxElements, "grads_nat[", i, "] has ", n, " elements; the CUDA kernels take at most ",
+                kMaxElements, " per tensor");
+    nat[i] = grads_nat[i].contiguous();
+    adv[i] = grads_adv[i].contiguous();
+    // No update: the selection stages never touch MaskTensor::upd (only the apply kernel writes it).
+    inputs[i] = MaskInput{nat[i].data_ptr(), adv[i].data_ptr(), nat[i].data_ptr(), n, code};
+  }
+  Selection sel = select_run(inputs, device, alpha, p, exec);
+  if (T > 0) exec.finished(static_cast<const TensorWork*>(sel.work.data_ptr()), T);
+  return {sel.thresholds, sel.nonfinite};
+}
+
+// Checks the thresholds / nonfinite arguments of rgp_sgd_step (both given or neither; as rgp_select returns them).
+inline void check_given_stats(const std::optional<at::Tensor>& thresholds, const std::optional<at::Tensor>& nonfinite,
+                              size_t T, const at::Device& device) {
+  TORCH_CHECK(thresholds.has_value() == nonfinite.has_value(),
+              "thresholds and nonfinite are given together (both from rgp_select) or not at all; got only ",
+              thresholds.has_value() ? "thresholds" : "nonfinite");
+  if (!thresholds.has_value()) return;
+  const std::pair<const char*, std::pair<const at::Tensor*, at::ScalarType>> stats[] = {
+      {"thresholds", {&*thresholds, at::kFloat}}, {"nonfinite", {&*nonfinite, at::kLong}}};
+  for (const auto& [name, t_type] : stats) {
+    const at::Tensor& t = *t_type.first;
+    TORCH_CHECK(t.dim() == 1 && t.numel() == static_cast<int64_t>(T) && t.scalar_type() == t_type.second &&
+                    t.is_contiguous() && (T == 0 || t.device() == device),
+                name, " must be a contiguous 1-D ", t_type.second, " tensor of ", T, " elements on ", device,
+                " (one per tensor, as rgp_select returns it), got shape ", t.sizes(), ", dtype ", t.scalar_type(),
+                " on ", t.device());
+  }
+}
+
+// The plan of an apply pass whose thresholds and non-finite counts are given (rgp_select's): copies of them
+// as the call's statistics, kept counted from zero by the apply kernel (kStepCountKept), no workspace.
+inline Selection given_selection(const std::vector<MaskInput>& inputs, const at::Tensor& thresholds,
+                                 const at::Tensor& nonfinite, double alpha, double p) {
+  Selection sel;
+  sel.thresholds = thresholds.clone();
+  sel.nonfinite = nonfinite.clone();
+  sel.kept = at::zeros_like(nonfinite);
+  sel.launches = plan_rgp_mask(inputs, alpha, p, nullptr, nullptr, sel.thresholds.data_ptr<float>(),
+                               reinterpret_cast<long long*>(sel.kept.data_ptr<int64_t>()),
+                               reinterpret_cast<long long*>(sel.nonfinite.data_ptr<int64_t>()), nullptr);
+  return sel;
+}
+
 template <class Exec>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_mask_run(at::TensorList updates, at::TensorList grads_nat,
                                                             at::TensorList grads_adv, double alpha, double p,
@@ -139,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_sgd_step_run(
     at::TensorList params, at::TensorList grads, at::TensorList grads_nat, at::TensorList grads_adv,
     at::TensorList momentum_buffers, at::TensorList revision, double lr, double momentum, double weight_decay,
     double alpha, double p, std::string_view mask_mode, double decay, const std::optional<at::Tensor>& skip,
-    Exec& exec) {
+    const std::optional<at::Tensor>& thresholds, const std::optional<at::Tensor>& nonfinite, Exec& exec) {
   const size_t T = grads.size();
   TORCH_CHECK(params.size() == T && grads_nat.size() == T && grads_adv.size() == T && momentum_buffers.size() == T,
               "tensor lists must have equal lengths, got len(params)=", params.size(), ", len(grads)=", T,
@@ -164,6 +227,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_sgd_step_run(
     TORCH_CHECK(T == 0 || skip->device() == device, "skip is on ", skip->device(), " but grads[0] is on ", device,
                 "; pass a flag on the tensors' device");
   }
+  check_given_stats(thresholds, nonfinite, T, device);
+  const bool given = thresholds.has_value();
   const bool revise = !revision.empty();
 
   std::vector<at::Tensor> nat(T), adv(T), grd(T), prm(T), buf(T), rev(T);
@@ -187,9 +252,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_sgd_step_run(
     inputs[i] = MaskInput{nat[i].data_ptr(), adv[i].data_ptr(), grd[i].data_ptr(), n, code,
                           prm[i].data_ptr(), buf[i].data_ptr(), revise ? rev[i].data_ptr() : nullptr};
   }
-  Selection sel = select_run(inputs, device, alpha, p, exec);
+  Selection sel = given ? given_selection(inputs, *thresholds, *nonfinite, alpha, p)
+                        : select_run(inputs, device, alpha, p, exec);
   if (T == 0) return {sel.thresholds, sel.kept, sel.nonfinite};
-  if (skip.has_value()) skip_flag = skip->reshape({}).ne(0);  // NaN != 0: a NaN flag skips
+  if (skip.has_value()) {
+    skip_flag = skip->reshape({}).ne(0);  // NaN != 0: a NaN flag skips
+    // Given counts: the call-wide non-finite decision is folded into the flag (the kernel then reads no
+    // call_nonfinite word, which only the selection kernels write).
+    if (given) skip_flag = skip_flag.logical_or(sel.nonfinite.sum().ne(0));
+  }
   for (MaskLaunch& L : sel.launches) {
     L.skip = skip_flag.defined() ? static_cast<const unsigned char*>(skip_flag.data_ptr()) : nullptr;
     L.lr = static_cast<float>(lr);
@@ -197,10 +268,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_sgd_step_run(
     L.weight_decay = static_cast<float>(weight_decay);
     L.decay = static_cast<float>(decay);
     L.keep = static_cast<float>(1.0 - decay);
-    L.step_flags = (mask_mode == "update" ? kStepUpdateMode : 0u) | (revise ? kStepRevise : 0u);
+    L.step_flags = (mask_mode == "update" ? kStepUpdateMode : 0u) | (revise ? kStepRevise : 0u) |
+                   (given ? kStepCountKept : 0u);
     exec.sgd_step(L);
   }
-  exec.finished(static_cast<const TensorWork*>(sel.work.data_ptr()), T);
+  if (!given) exec.finished(static_cast<const TensorWork*>(sel.work.data_ptr()), T);
   for (size_t i = 0; i < T; ++i) {
     if (!grd[i].is_same(grads[i])) grads[i].copy_(grd[i]);
     if (!prm[i].is_same(params[i])) params[i].copy_(prm[i]);

@@ -171,6 +171,8 @@ constexpr int kNumSelectStages = 5;
 // MaskLaunch::step_flags
 constexpr uint32_t kStepUpdateMode = 1u;  // mask_mode "update": freeze param and buffer where s < thr
 constexpr uint32_t kStepRevise = 2u;      // revision EMA after the update
+constexpr uint32_t kStepCountKept = 4u;   // thresholds given (no selection kernels ran): kept starts at 0 and
+                                          // every block adds its kept entries (else it subtracts its zeroed ones)
 
 // Arguments of the selection and apply kernels for up to kMaxTensorsPerLaunch tensors.
 struct MaskLaunch {
@@ -187,6 +189,7 @@ struct MaskLaunch {
   long long* kept;       // [T]
   long long* nonfinite;  // [T]
   uint32_t* call_nonfinite;  // one word for the call: nonzero when any score of the call is not finite
+                             // (nullptr when the thresholds were given: skip then holds that decision too)
   // rgp_sgd_step only.
   const unsigned char* skip;  // nullptr, or one bool on the device: skip the SGD update when true
   float lr;              // f32(lr)

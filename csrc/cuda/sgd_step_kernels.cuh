@@ -24,7 +24,8 @@
 // what the formula needs once, after a one-read selection, is ~40-48.
 // Expected H100 time (~3.0 TB/s, ~3.7 us per B/element) for ResNet-18 (11.2 M parameters), ESTIMATE:
 // apply ~120 us without revision, ~150 us with; with the selection kernels (~55 us) ~175-205 us per
-// step; with the selection overlapped with the last backward, the apply pass alone after it.
+// step; with the selection overlapped with the last backward (cure::rgp_select on a side stream, then
+// this kernel with the given thresholds: rgp_sgd_step_run), the apply pass alone after it.
 #pragma once
 
 #include "mask_common.cuh"
@@ -123,9 +124,13 @@ __device__ __forceinline__ void sgd_step_body(const MaskLaunch& L, const BlockTe
   }
   if (zeroed != 0) atomicAdd(&sh_small[0], zeroed);
   __syncthreads();
-  if (threadIdx.x == 0 && sh_small[0] != 0) {
-    atomicAdd(reinterpret_cast<unsigned long long*>(&L.kept[bt.index]),
-              static_cast<unsigned long long>(-static_cast<long long>(sh_small[0])));
+  // kept: the selection kernels set it to n and each block subtracts its zeroed entries; with given
+  // thresholds (kStepCountKept) it starts at 0 and each block adds its kept ones.
+  const long long delta = (L.step_flags & kStepCountKept) != 0
+                              ? static_cast<long long>(m) - static_cast<long long>(sh_small[0])
+                              : -static_cast<long long>(sh_small[0]);
+  if (threadIdx.x == 0 && delta != 0) {
+    atomicAdd(reinterpret_cast<unsigned long long*>(&L.kept[bt.index]), static_cast<unsigned long long>(delta));
   }
 }
 
@@ -136,7 +141,9 @@ __global__ void __launch_bounds__(kThreads, 2) rgp_sgd_step_kernel(const __grid_
   const float thr = L.thresholds[bt.index];  // written by the selection kernels
   // The skip decision, on the device: the flag given, or any score of the call not finite (counted by
   // the selection kernels of every launch of the call, all finished before this kernel).
-  const bool skipped = L.skip != nullptr && (*L.skip != 0 || *L.call_nonfinite != 0);
+  // With given thresholds there is no call_nonfinite word: the skip flag already holds that decision.
+  const bool skipped =
+      L.skip != nullptr && (*L.skip != 0 || (L.call_nonfinite != nullptr && *L.call_nonfinite != 0));
   switch (bt.t.flags & kDTypeMask) {
     case kFloat32: sgd_step_body<Float32>(L, bt, thr, skipped, sh_small); break;
     case kBFloat16: sgd_step_body<BFloat16>(L, bt, thr, skipped, sh_small); break;

@@ -1,6 +1,6 @@
 """Check the CUDA kernels' logic on the CPU: run them in the emulation of cuda_emulation.h and compare
-every result bit for bit with cure_kernels.reference (rgp_mask, revise) and
-cure_kernels.sgd_step.rgp_sgd_step_reference (the fused step).
+every result bit for bit with cure_kernels.reference (rgp_mask, rgp_select, revise) and
+cure_kernels.sgd_step.rgp_sgd_step_reference (the fused step, also with the thresholds of rgp_select given).
 
 The kernels are built twice: with the production block shape (256 threads x 32 items, 128 tensors per
 launch, a 16384-score sample, the sampling bracket from 65536 elements, candidate regions of n/8) and
@@ -106,6 +106,45 @@ class Checker:
                 assert same_bits(x, y), f"{where}: {name}[{i}] differs"
         self.count += 1
         return got
+
+    def select(self, nat, adv, alpha, p, what=""):
+        """Emulated rgp_select vs the thresholds and non-finite counts of rgp_mask_reference."""
+        exp = reference.rgp_mask_reference([torch.zeros_like(g) for g in nat], nat, adv, alpha, p)
+        before = [g.clone() for g in (*nat, *adv)]
+        self.seed += 1
+        got = self.m.rgp_select(list(nat), list(adv), alpha, p, self.seed)
+        where = f"[{self.label}] select {what} alpha={alpha!r} p={p!r} sizes={[g.numel() for g in nat]}"
+        assert got[0].dtype == torch.float32 and got[1].dtype == torch.int64
+        assert bitwise_equal_f32(got[0], exp[0]), f"{where}: thresholds {got[0]} vs {exp[0]}"
+        assert torch.equal(got[1], exp[2]), f"{where}: nonfinite {got[1]} vs {exp[2]}"
+        assert all(same_bits(g, b) for g, b in zip((*nat, *adv), before)), f"{where}: an input changed"
+        self.count += 1
+        return got
+
+    def step_given(self, lists, *, lr=0.1, momentum=0.9, weight_decay=5e-3, alpha=0.1, p=0.3, mask_mode="grad",
+                   decay=0.99, revise=True, skip=None, what=""):
+        """rgp_select, then rgp_sgd_step with its thresholds (the apply kernel alone), both emulated, vs the
+        plain emulated step on copies of the same state: every statistic and stored bit equal."""
+        params, grads, nat, adv, bufs, rev = lists
+        plain = [[t.clone() for t in ts] for ts in (params, grads, bufs, rev)]
+        exp = self.step([plain[0], plain[1], nat, adv, plain[2], plain[3]], lr=lr, momentum=momentum,
+                        weight_decay=weight_decay, alpha=alpha, p=p, mask_mode=mask_mode, decay=decay, revise=revise,
+                        skip=skip, what=what)
+        thresholds, nonfinite = self.select(nat, adv, alpha, p, what=what)
+        self.seed += 1
+        got = self.m.rgp_sgd_step_given(list(params), list(grads), list(nat), list(adv), list(bufs),
+                                        list(rev) if revise else [], lr, momentum, weight_decay, alpha, p, mask_mode,
+                                        decay, skip, thresholds, nonfinite, self.seed)
+        where = (f"[{self.label}] given step {what} mode={mask_mode} revise={revise} skip={skip} p={p!r} "
+                 f"sizes={[g.numel() for g in grads]}")
+        assert bitwise_equal_f32(got[0], exp[0]), f"{where}: thresholds {got[0]} vs {exp[0]}"
+        assert torch.equal(got[1], exp[1]), f"{where}: kept {got[1]} vs {exp[1]}"
+        assert torch.equal(got[2], exp[2]), f"{where}: nonfinite {got[2]} vs {exp[2]}"
+        for name, gots, exps in (("params", params, plain[0]), ("grads", grads, plain[1]),
+                                 ("momentum_buffers", bufs, plain[2]), ("revision", rev, plain[3])):
+            for i, (x, y) in enumerate(zip(gots, exps)):
+                assert same_bits(x, y), f"{where}: {name}[{i}] differs"
+        self.count += 1
 
     def revise(self, rev, par, decay, what=""):
         expected = [r.clone() for r in rev]
@@ -421,6 +460,36 @@ def check_step(c: Checker, quick: bool):
 
 
 
+def check_select(c: Checker, quick: bool):
+    """rgp_select on the pathological battery (both selection paths, several launches), and the fused step
+    with its thresholds given against the plain step."""
+    b = Bracket(c.m)
+    rng = random.Random(51)
+    gen = torch.Generator().manual_seed(51)
+    sizes = (0, 1, 2, 3, 9, 257, b.chunk + 1, b.min_n - 1, b.min_n + 3, 2 * b.min_n + 1)
+    for kind in KINDS:
+        for dtype in DTYPES:
+            if quick and rng.random() < 0.5:
+                continue
+            _, nat, adv = _lists(kind, sizes, dtype, gen)
+            c.select(nat, adv, rng.choice((0.0, 0.1, 1.0)), rng.choice((0.0, 0.3, 1.0, rng.random())), what=kind)
+    skips = (None, torch.tensor(False), torch.tensor(True), torch.tensor(math.nan))
+    for kind in ("random", "ties", "inf", "nan", "zeros"):
+        for dtype in DTYPES:
+            for mask_mode in ("grad", "update"):
+                if quick and rng.random() < 0.5:
+                    continue
+                c.step_given(_state(sizes, dtype, gen, kind), mask_mode=mask_mode, revise=rng.random() < 0.5,
+                             skip=rng.choice(skips), p=rng.choice((0.0, 0.3, 1.0, rng.random())), what=kind)
+    mixed = [(0, torch.float32), (300, torch.float16), (1, torch.bfloat16), (b.min_n + 1, torch.float32),
+             (64, torch.bfloat16), (b.chunk + 1, torch.float16)] * 2
+    lists = [[], [], [], [], [], []]
+    for n, dtype in mixed:
+        for k, t in enumerate(_state([n], dtype, gen, "random")):
+            lists[k] += t
+    c.step_given(lists, p=0.5, skip=torch.tensor(0), mask_mode="update", what="mixed dtypes, several launches")
+
+
 def check_revise(c: Checker, chunk: int):
     gen = torch.Generator().manual_seed(6)
     sizes = [0, 1, 2, 3, 7, 8, 9, chunk - 1, chunk, chunk + 1, 2 * chunk + 5, 1]
@@ -474,6 +543,7 @@ def main() -> None:
         check_random(c, 40 if args.quick else 200, 4 * chunk)
         check_bracket(c)
         check_step(c, args.quick)
+        check_select(c, args.quick)
         check_revise(c, chunk)
         elapsed = time.time() - start
         print(f"[{label}] {c.count} calls matched the reference bit for bit ({elapsed:.0f} s)", flush=True)

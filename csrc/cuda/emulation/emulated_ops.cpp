@@ -64,7 +64,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_sgd_step_emulated(
   EmulatedExec exec;
   last_paths().clear();
   return rgp_sgd_step_run(params, grads, grads_nat, grads_adv, momentum_buffers, revision, lr, momentum,
-                          weight_decay, alpha, p, mask_mode, decay, skip, exec);
+                          weight_decay, alpha, p, mask_mode, decay, skip, std::nullopt, std::nullopt, exec);
+}
+
+// rgp_sgd_step with the thresholds and non-finite counts given (rgp_select's): the apply kernel alone.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_sgd_step_given_emulated(
+    std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> grads_nat,
+    std::vector<at::Tensor> grads_adv, std::vector<at::Tensor> momentum_buffers, std::vector<at::Tensor> revision,
+    double lr, double momentum, double weight_decay, double alpha, double p, std::string mask_mode, double decay,
+    std::optional<at::Tensor> skip, std::optional<at::Tensor> thresholds, std::optional<at::Tensor> nonfinite,
+    int64_t seed) {
+  cure_emu::seed(static_cast<uint64_t>(seed));
+  EmulatedExec exec;
+  last_paths().clear();
+  return rgp_sgd_step_run(params, grads, grads_nat, grads_adv, momentum_buffers, revision, lr, momentum,
+                          weight_decay, alpha, p, mask_mode, decay, skip, thresholds, nonfinite, exec);
+}
+
+std::tuple<at::Tensor, at::Tensor> rgp_select_emulated(std::vector<at::Tensor> grads_nat,
+                                                       std::vector<at::Tensor> grads_adv, double alpha, double p,
+                                                       int64_t seed) {
+  cure_emu::seed(static_cast<uint64_t>(seed));
+  EmulatedExec exec;
+  last_paths().clear();
+  return rgp_select_run(grads_nat, grads_adv, alpha, p, exec);
 }
 
 void revise_emulated(std::vector<at::Tensor> revision, std::vector<at::Tensor> params, double decay, int64_t seed) {
@@ -87,9 +110,12 @@ std::vector<int64_t> paths() { return last_paths(); }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rgp_mask", &cure_cuda::rgp_mask_emulated, "rgp_mask kernels in the CPU emulation");
   m.def("rgp_sgd_step", &cure_cuda::rgp_sgd_step_emulated, "rgp_sgd_step kernels in the CPU emulation");
+  m.def("rgp_sgd_step_given", &cure_cuda::rgp_sgd_step_given_emulated,
+        "rgp_sgd_step with given thresholds and nonfinite counts (the apply kernel alone) in the CPU emulation");
+  m.def("rgp_select", &cure_cuda::rgp_select_emulated, "rgp_select (the selection kernels) in the CPU emulation");
   m.def("revise", &cure_cuda::revise_emulated, "revise kernel in the CPU emulation");
   m.def("paths", &cure_cuda::paths,
-        "per tensor of the last rgp_mask / rgp_sgd_step call: 1 radix, 2 bracket counts, 3 bracket select, 4 miss");
+        "per tensor of the last rgp_mask / rgp_sgd_step / rgp_select call: 1 radix, 2 bracket counts, 3 bracket select, 4 miss");
   m.def("junk_fill", &cure_cuda::junk_fill, "fill new CPU allocations with a NaN pattern");
   m.def("config", &cure_cuda::config,
         "(threads, items per thread, chunk, tensors per launch, sample size, bracket minimum n, candidate shift)");
