@@ -62,6 +62,7 @@ def pretrain_command(args: argparse.Namespace) -> list[str]:
         "cure", "train", "--method", "st", "--dataset", args.dataset, "--arch", args.arch,
         "--epochs", str(args.pretrain_epochs), "--val-size", str(args.pretrain_val_size),
         *(["--train-samples", str(args.pretrain_samples)] if args.pretrain_samples else []),
+        *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
         "--eval-samples", str(args.eval_samples), "--eval-attacks", "nat,pgd20", "--seed", "0",
         "--data-seed", str(args.data_seed), "--out", _display(args.runs / "pretrain_st"),
     ]  # fmt: skip
@@ -72,6 +73,7 @@ def run_command(args: argparse.Namespace, extra: list[str], seed: int, out: Path
         "cure", "train", *extra, "--dataset", args.dataset, "--arch", args.arch,
         "--init", _display(args.runs / "pretrain_st" / "last.pt"),
         "--epochs", str(args.epochs), "--train-samples", str(args.train_samples),
+        *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
         "--val-size", str(args.val_size), "--eval-samples", str(args.eval_samples),
         "--eval-attacks", "nat,pgd20", "--attack-steps", str(args.attack_steps),
         "--step-size", str(args.step_size), "--seed", str(seed), "--data-seed", str(args.data_seed),
@@ -325,6 +327,7 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=500)
     parser.add_argument("--attack-steps", type=int, default=5)
     parser.add_argument("--step-size", type=float, default=0.025)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the trainer's (128)")
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")

@@ -14,6 +14,7 @@ SCRIPT = ROOT / "scripts" / "mask_study.py"
 TINY = [
     "--arch", "resnet20", "--seeds", "0", "--pretrain-samples", "64", "--pretrain-val-size", "16", "--epochs", "1",
     "--train-samples", "32", "--val-size", "16", "--eval-samples", "16", "--attack-steps", "1", "--jobs", "2",
+    "--batch-size", "16",
 ]  # fmt: skip
 
 
