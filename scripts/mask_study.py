@@ -88,8 +88,12 @@ def _launch(command: list[str], out: Path, threads: int) -> float:
         return 0.0
     argv = [sys.executable, "-m", "cure", *command[1:], "--checkpoint-every", "50", "--no-progress"]
     argv.append("--resume" if (out / "last.pt").is_file() else "--overwrite")
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     print(f"[study] start {_display(out)}", flush=True)
@@ -143,11 +147,17 @@ def _mean_spread(values: list[float]) -> str:
     return f"{statistics.fmean(values):.2f} ± {(max(values) - min(values)) / 2:.2f}"
 
 
+def _finished(args: argparse.Namespace, name: str) -> list[int]:
+    return [seed for seed in args.seeds if (args.runs / f"{name}_s{seed}" / "summary.json").is_file()]
+
+
 def collect(args: argparse.Namespace) -> list[dict]:
     rows = []
     for seed in args.seeds:
         for label, name, _ in VARIANTS:
             run = args.runs / f"{name}_s{seed}"
+            if not (run / "summary.json").is_file():
+                continue  # not finished: listed under the table (--table-only renders partial studies)
             s = json.loads((run / "summary.json").read_text())
             rows.append(
                 {
@@ -190,21 +200,28 @@ def plot(args: argparse.Namespace, path: Path) -> None:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, (label, name, _) in enumerate(VARIANTS):
         colour = colours[k % len(colours)]
-        curves = [_read_metrics(args.runs / f"{name}_s{seed}") for seed in args.seeds]
+        seeds = _finished(args, name)
+        if not seeds:
+            continue
+        curves = [_read_metrics(args.runs / f"{name}_s{seed}") for seed in seeds]
         epochs = np.array([int(r["epoch"]) for r in curves[0]])
         for ax, col in zip(axes[:2], ("val_nat_acc", "val_pgd20_acc")):
             values = np.array([[float(r[col]) for r in c] for c in curves])
             ax.plot(epochs, values.mean(0), "-o", ms=3, color=colour, label=label)
             ax.fill_between(epochs, values.min(0), values.max(0), color=colour, alpha=0.15)
     for ax, title in zip(axes[:2], ("validation natural accuracy", "validation PGD-20 accuracy")):
-        ax.set_title(f"{title} (mean over {len(args.seeds)} seeds, band: min-max)")
+        ax.set_title(f"{title}\n(mean over the seeds, band: min to max)")
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     ax = axes[2]
     for k, (label, name, _) in enumerate(VARIANTS):
-        summaries = [json.loads((args.runs / f"{name}_s{s}" / "summary.json").read_text()) for s in args.seeds]
+        summaries = [
+            json.loads((args.runs / f"{name}_s{s}" / "summary.json").read_text()) for s in _finished(args, name)
+        ]
+        if not summaries:
+            continue
         nat = [s["last_nat_acc"] for s in summaries]
         rob = [s["last_pgd20_acc"] for s in summaries]
         ax.scatter(nat, rob, color=colours[k % len(colours)], alpha=0.5, s=18)
@@ -222,7 +239,12 @@ def plot(args: argparse.Namespace, path: Path) -> None:
 
 
 def render(args: argparse.Namespace, rows: list[dict]) -> str:
-    record = json.loads((args.runs / "study.json").read_text())
+    path = args.runs / "study.json"  # written when every run has finished
+    record = json.loads(path.read_text()) if path.is_file() else {
+        "date": datetime.date.today().isoformat(), "git": _git_sha(), "python": platform.python_version(),
+        "wall_minutes": None, "jobs": args.jobs, "threads_per_job": args.threads,
+    }  # fmt: skip
+    wall = "an unrecorded amount" if record["wall_minutes"] is None else f"{record['wall_minutes']:.0f} minutes"
     pre = json.loads((args.runs / "pretrain_st" / "summary.json").read_text())
     first = args.runs / f"cure_s{args.seeds[0]}"
     cfg = json.loads((first / "config.json").read_text())
@@ -239,13 +261,13 @@ def render(args: argparse.Namespace, rows: list[dict]) -> str:
         "",
         f"Made by `scripts/mask_study.py` on {record['date']} (git {record['git']}, Python {record['python']}), "
         f"on a 2-core CPU: {record['jobs']} runs at a time with {record['threads_per_job']} thread(s) each, "
-        f"{record['wall_minutes']:.0f} minutes of wall-clock time in all ({total_train:.0f} minutes of "
+        f"{wall} of wall-clock time in all ({total_train:.0f} minutes of "
         f"training and validation summed over the {len(rows)} adversarial runs).",
         "",
         "## Protocol",
         "",
         f"- Natural pre-training: ST, {pre['arch']}, {pre['train_images']} training images (the split less "
-        f"{args.pretrain_val_size} held out for validation, or a subset), {args.pretrain_epochs} epochs "
+        f"{args.pretrain_val_size} held out for validation, or a subset), {args.pretrain_epochs} epoch(s) "
         f"({pre['train_seconds'] / 60:.0f} minutes); test Nat {pre['last_nat_acc']:.2f} %, "
         f"PGD-20 {pre['last_pgd20_acc']:.2f} %.",
         f"- Every method then trains {args.epochs} epochs on the same {args.train_samples} training images "
@@ -258,15 +280,15 @@ def render(args: argparse.Namespace, rows: list[dict]) -> str:
         f"- Model selection: the epoch with the highest validation PGD-20 on {args.val_size} held-out "
         f"training images. Test: {args.eval_samples} test images, PGD-20 (L-inf eps {eps}, 20 steps of "
         f"eps/4, random start). NRR = 2 Nat Rob / (Nat + Rob).",
-        f"- Cells are mean ± half the range over the {len(args.seeds)} seeds. 'kept' is the mean fraction of "
-        "gradient entries the RGP mask let through (1 - p when no tensor has more than a fraction p of "
+        "- Cells are mean ± half the range over the seeds that finished (column 'seeds'). 'kept' is the mean "
+        "fraction of gradient entries the RGP mask let through (1 - p when no tensor has more than a fraction p of "
         "exactly-zero scores).",
         "",
         "## Results (test accuracy, %)",
         "",
-        "| method | Nat (last) | PGD-20 (last) | NRR (last) | Nat (best) | PGD-20 (best) | best epoch "
+        "| method | seeds | Nat (last) | PGD-20 (last) | NRR (last) | Nat (best) | PGD-20 (best) | best epoch "
         "| PGD-20 best - last | revision Nat | revision PGD-20 | kept |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, name, _ in VARIANTS:
         rs = [r for r in rows if r["run"] == name]
@@ -276,13 +298,17 @@ def render(args: argparse.Namespace, rows: list[dict]) -> str:
 
         kept = col("kept_fraction")
         lines.append(
-            f"| {label} | {_mean_spread(col('last_nat'))} | {_mean_spread(col('last_pgd20'))} "
+            f"| {label} | {', '.join(str(r['seed']) for r in rs)} | {_mean_spread(col('last_nat'))} "
+            f"| {_mean_spread(col('last_pgd20'))} "
             f"| {_mean_spread(col('last_nrr'))} | {_mean_spread(col('best_nat'))} "
             f"| {_mean_spread(col('best_pgd20'))} | {', '.join(str(e) for e in col('best_epoch'))} "
             f"| {_mean_spread(col('best_minus_last_pgd20'))} | {_mean_spread(col('rev_last_nat'))} "
             f"| {_mean_spread(col('rev_last_pgd20'))} "
             f"| {'-' if not kept else f'{100 * statistics.fmean(kept):.1f} %'} |"
         )
+    missing = [f"{name}_s{seed}" for seed in args.seeds for _, name, _ in VARIANTS if seed not in _finished(args, name)]
+    if missing:
+        lines += ["", f"Not finished when this table was made (left out): {', '.join(missing)}."]
     stem = args.output.stem
     lines += [
         "",
