@@ -358,7 +358,16 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     args = parser.parse_args()
-    args.argv = [a for a in sys.argv[1:] if a != "--table-only"]
+    # The command as it trains (rendering options left out).
+    args.argv, skip_next = [], False
+    for a in sys.argv[1:]:
+        if skip_next or a == "--table-only" or a.startswith("--notes="):
+            skip_next = False
+            continue
+        if a == "--notes":
+            skip_next = True
+            continue
+        args.argv.append(a)
     args.output = args.output or ROOT / "results" / f"mask_study_{args.dataset}_{args.arch}.md"
     if not args.table_only:
         run(args)
