@@ -145,20 +145,11 @@ for _name in backends.CXX_OPS:
         _register_version_bumps(_cxx_library, _name)
 
 
-def _mask_op(name: str):
-    if name == "reference":
-        return torch.ops.cure.rgp_mask_reference
-    if name == "triton":
-        return torch.ops.cure.rgp_mask_triton
-    return torch.ops.cure.rgp_mask
-
-
-def _revise_op(name: str):
-    if name == "reference":
-        return torch.ops.cure.revise_reference
-    if name == "triton":
-        return torch.ops.cure.revise_triton
-    return torch.ops.cure.revise
+def backend_op(op: str, name: str):
+    """The registered op that runs ``op`` (``rgp_mask``, ``revise``, ``rgp_select``) on backend ``name``: the
+    Python-registered ``cure::<op>_reference`` / ``cure::<op>_triton``, else the C++ ``cure::<op>`` (which
+    dispatches to the CPU or CUDA kernel by device)."""
+    return getattr(torch.ops.cure, f"{op}_{name}" if name in ("reference", "triton") else op)
 
 
 _warned_fallback: set[str] = set()
@@ -212,7 +203,7 @@ def rgp_mask_(updates: Sequence[Tensor], grads_nat: Sequence[Tensor], grads_adv:
     name = _resolve(backend, ups[0].device if ups else torch.device("cpu"), "rgp_mask")
     if not ups:
         return MaskStats(*_mask_stats_like(ups))
-    return MaskStats(*_mask_op(name)(ups, gns, gas, alpha, p))
+    return MaskStats(*backend_op("rgp_mask", name)(ups, gns, gas, alpha, p))
 
 
 def revise_(revision: Sequence[Tensor], params: Sequence[Tensor], *, decay: float,
@@ -228,4 +219,4 @@ def revise_(revision: Sequence[Tensor], params: Sequence[Tensor], *, decay: floa
     revs, prms = check_tensor_lists(("revision", "params"), (revision, params))
     name = _resolve(backend, revs[0].device if revs else torch.device("cpu"), "revise")
     if revs:
-        _revise_op(name)(revs, prms, decay)
+        backend_op("revise", name)(revs, prms, decay)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from cure_kernels import backends, reference
-from cure_kernels.ops import _resolve
+from cure_kernels.ops import _resolve, backend_op
 from cure_kernels.validation import check_fraction, check_tensor_lists
 
 __all__ = ["rgp_select"]
@@ -65,14 +65,6 @@ if backends.PROBE.extension_error is None and hasattr(torch.ops.cure, "rgp_selec
     torch.library.register_fake("cure::rgp_select")(_rgp_select_fake)
 
 
-def _select_op(name: str):
-    if name == "reference":
-        return torch.ops.cure.rgp_select_reference
-    if name == "triton":
-        return torch.ops.cure.rgp_select_triton
-    return torch.ops.cure.rgp_select
-
-
 def rgp_select(grads_nat: Sequence[Tensor], grads_adv: Sequence[Tensor], *, alpha: float, p: float,
                backend: str = "auto") -> tuple[Tensor, Tensor]:
     """The per-tensor thresholds and non-finite counts of the conserve step, without applying them.
@@ -100,5 +92,5 @@ def rgp_select(grads_nat: Sequence[Tensor], grads_adv: Sequence[Tensor], *, alph
     if not gns:
         return _select_stats_like(gns)
     with torch.no_grad():  # the statistics are not differentiable, whatever the inputs
-        thresholds, nonfinite = _select_op(name)(gns, gas, alpha, p)
+        thresholds, nonfinite = backend_op("rgp_select", name)(gns, gas, alpha, p)
     return thresholds, nonfinite

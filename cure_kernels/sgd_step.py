@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from cure_kernels import backends
-from cure_kernels.ops import MaskStats, _mask_stats_like
+from cure_kernels.ops import MaskStats, _mask_stats_like, backend_op
 from cure_kernels.reference import apply_mask_reference, rgp_mask_reference, rgp_scores
 from cure_kernels.validation import check_fraction, check_given_stats, check_nonnegative, check_tensor_lists
 
@@ -228,9 +228,7 @@ def rgp_sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], grads_nat: 
     name = _resolve(backend, device)
     if not grs:
         return MaskStats(*_mask_stats_like(grs))
-    op = {"reference": torch.ops.cure.rgp_sgd_step_reference, "triton": torch.ops.cure.rgp_sgd_step_triton,
-          "cpu": getattr(torch.ops.cure, "rgp_sgd_step", None), "cuda": getattr(torch.ops.cure, "rgp_sgd_step", None)
-          }[name]
+    op = backend_op("rgp_sgd_step", name)
     with torch.no_grad():
         if given is None:
             out = op(prms, grs, gns, gas, bufs, revs, lr, momentum, weight_decay, alpha, p, mask_mode, decay, skip)
