@@ -16,8 +16,8 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
-#include <memory>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -175,9 +175,11 @@ inline std::vector<Chunk> chunks_of(const std::vector<int64_t>& sizes) {
   for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return sizes[a] < sizes[b]; });
   std::vector<Chunk> out;
-  for (const int64_t i : order)
+  for (const int64_t i : order) {
+    if (sizes[i] == 0) continue;
     for (int64_t start = (sizes[i] - 1) / kApplyChunk * kApplyChunk; start >= 0; start -= kApplyChunk)
       out.push_back({i, start, std::min(sizes[i], start + kApplyChunk)});
+  }
   return out;
 }
 
@@ -189,6 +191,7 @@ inline std::vector<Chunk> chunks_of(const std::vector<int64_t>& sizes) {
 template <typename Fn>
 int64_t apply_backwards(int64_t begin, int64_t end, Fn&& fn) {
   int64_t total = 0;
+  if (end <= begin) return total;
   for (int64_t start = begin + (end - begin - 1) / kApplyChunk * kApplyChunk; start >= begin; start -= kApplyChunk)
     total += fn(start, std::min(end, start + kApplyChunk));
   return total;
@@ -201,7 +204,7 @@ int64_t apply_backwards_split(int64_t n, Fn&& fn) {
 #pragma omp parallel reduction(+ : total)
   {
     const auto [begin, end] = slice_of(n, omp_get_num_threads(), omp_get_thread_num());
-    if (begin < end) total += apply_backwards(begin, end, fn);
+    total += apply_backwards(begin, end, fn);
   }
   return total;
 }

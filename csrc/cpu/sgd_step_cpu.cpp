@@ -6,11 +6,12 @@
 // of g_nat and g_adv, the sampling bracket; docs/selection.md). The apply pass of a tensor reads g,
 // param, buf (and rev) once and writes the masked g, param, buf (and rev); it decides s < thr from the
 // classes the bracket pass kept (select_cpu.h, Classes) or, for any other tensor, reads g_nat and g_adv
-// again to recompute the score (not at all where the threshold masks nothing). Without skip it runs right after the tensor's
-// selection (its gradients still in the cache). With skip, the decision (skip nonzero, or any score of
-// the call not finite) needs every tensor's non-finite count, so no parameter is written before every
-// tensor is selected; then one apply pass runs over all tensors' chunks in parallel. With thresholds and
-// nonfinite given (from cure::rgp_select), there is no selection: that apply pass runs at once.
+// again to recompute the score (not at all where the threshold masks nothing). Without skip it runs
+// right after the tensor's selection (what it reads still in the cache). With skip, the decision (skip
+// nonzero, or any score of the call not finite) needs every tensor's non-finite count, so no parameter
+// is written before every tensor is selected; then one apply pass runs over all tensors' chunks in
+// parallel. With thresholds and nonfinite given (from cure::rgp_select), there is no selection and no
+// classes: that apply pass runs at once, recomputing the scores.
 //
 // Per element, in float32 with every product and sum rounded separately (-ffp-contract=off), values
 // upcast exactly from bfloat16/float16 and stored round-to-nearest-even:
