@@ -65,7 +65,7 @@ int64_t mask_typed(const Entry& e, int64_t begin, int64_t end, Weights w, float 
                            : mask_range<T, false>(update, nat, adv, masked, n, w, thr);
 }
 
-// One chunk [begin, end) of a tensor; masked: one byte per element (cpu::masked_bytes), or nullptr to
+// One chunk [begin, end) of a tensor; masked: one byte per element (cpu::bytes_of_words), or nullptr to
 // compare the recomputed scores with thr.
 int64_t mask_chunk(const Entry& e, int64_t begin, int64_t end, Weights w, float thr, const uint8_t* masked) {
   switch (e.update.scalar_type()) {
@@ -116,13 +116,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_mask_cpu(at::TensorList updat
     const cpu::Classes& c = (*classes)[i];
     const bool by_classes = cpu::decides(c, s.threshold);
     cpu::count_apply(by_classes);
-    const auto chunk = [&](int64_t begin, int64_t end) {
-      uint8_t* masked = nullptr;
-      if (by_classes) {
-        masked = cpu::chunk_mask_buffer();
-        cpu::masked_bytes(c, begin, end, s.threshold, masked);
+    const auto chunk = [&](int64_t begin, int64_t end) -> int64_t {
+      if (!by_classes) return mask_chunk(e, begin, end, w, s.threshold, nullptr);
+      uint64_t* words = cpu::chunk_mask_words();
+      const int64_t masked = cpu::masked_words(c, begin, end, s.threshold, words);
+      if (e.update.scalar_type() == at::kFloat) {  // straight from the bits
+        cpu::zero_masked_f32(e.update.data_ptr<float>() + begin, words, end - begin);
+        return end - begin - masked;
       }
-      return mask_chunk(e, begin, end, w, s.threshold, masked);
+      uint8_t* bytes = cpu::chunk_mask_buffer();
+      cpu::bytes_of_words(words, end - begin, bytes);
+      return mask_chunk(e, begin, end, w, s.threshold, bytes);
     };
     kept_count[i] = split ? cpu::apply_backwards_split(e.n, chunk) : cpu::apply_backwards(0, e.n, chunk);
   };

@@ -701,24 +701,28 @@ Selection bracket_split(const T* nat, const T* adv, int64_t n, Weights w, double
 
 // --- the apply pass from the classes ----------------------------------------------------------------
 
-// masked_bytes for one chunk of a slice, element by element: low/mid its class bytes, keys its mid keys.
-void masked_bytes_generic(const uint8_t* low, const uint8_t* mid, const uint32_t* keys, int64_t len,
-                          bool low_masked, float thr, uint8_t* out) {
+// masked_words for one chunk of a slice, element by element: low/mid its class bytes, keys its mid keys.
+int64_t masked_words_generic(const uint8_t* low, const uint8_t* mid, const uint32_t* keys, int64_t len,
+                             bool low_masked, float thr, uint64_t* words) {
+  int64_t total = 0;
+  std::fill(words, words + (len + 63) / 64, uint64_t{0});
   for (int64_t i = 0; i < len; ++i) {
     const int bit = static_cast<int>(i & 7);
     bool masked = low_masked && ((low[i >> 3] >> bit) & 1);
     if ((mid[i >> 3] >> bit) & 1) masked = float_of(*keys++) < thr;
-    out[i] = masked;
+    words[i >> 6] |= static_cast<uint64_t>(masked) << (i & 63);
+    total += masked;
   }
+  return total;
 }
 
 #ifdef CURE_X86_AVX2
 // The same, 64 elements at a time: the mid keys' decisions packed into a bit stream (8 compares per
-// step), then per 64-element word masked = (low if thr > lo) | pdep(next popcount(mid) decisions, mid),
-// spread to one byte per element by pdep with 0x0101...01.
-__attribute__((target("avx2,bmi2,popcnt"))) void masked_bytes_bmi2(const uint8_t* low, const uint8_t* mid,
-                                                                  const uint32_t* keys, int64_t count, int64_t len,
-                                                                  bool low_masked, float thr, uint8_t* out) {
+// step), then per 64-element word masked = (low if thr > lo) | pdep(next popcount(mid) decisions, mid).
+__attribute__((target("avx2,bmi2,popcnt"))) int64_t masked_words_bmi2(const uint8_t* low, const uint8_t* mid,
+                                                                     const uint32_t* keys, int64_t count,
+                                                                     int64_t len, bool low_masked, float thr,
+                                                                     uint64_t* words) {
   uint64_t decisions[kApplyChunk / 64 + 2];
   auto* packed = reinterpret_cast<uint8_t*>(decisions);
   const int64_t groups = (count + 7) / 8;
@@ -738,6 +742,7 @@ __attribute__((target("avx2,bmi2,popcnt"))) void masked_bytes_bmi2(const uint8_t
   std::fill(packed + groups, packed + sizeof decisions, uint8_t{0});
   const uint64_t low_fill = low_masked ? ~uint64_t{0} : 0;
   int64_t at = 0;  // bits of `decisions` consumed
+  int64_t total = 0;
   for (int64_t word = 0; word * 64 < len; ++word) {
     uint64_t l, m;
     std::memcpy(&l, low + 8 * word, 8);
@@ -746,12 +751,30 @@ __attribute__((target("avx2,bmi2,popcnt"))) void masked_bytes_bmi2(const uint8_t
     uint64_t next = decisions[w] >> shift;
     if (shift != 0) next |= decisions[w + 1] << (64 - shift);
     at += _mm_popcnt_u64(m);
-    const uint64_t masked = (l & low_fill) | _pdep_u64(next, m);
-    for (int b = 0; b < 8; ++b) {
-      const uint64_t bytes = _pdep_u64(masked >> (8 * b), 0x0101010101010101ull);
-      std::memcpy(out + 64 * word + 8 * b, &bytes, 8);
-    }
+    words[word] = (l & low_fill) | _pdep_u64(next, m);  // (past the chunk's end: zero planes, zero bits)
+    total += _mm_popcnt_u64(words[word]);
   }
+  return total;
+}
+
+// For every 8-bit mask, its bits as eight all-ones/all-zeros 32-bit lanes.
+struct LaneTable {
+  alignas(32) uint32_t lanes[256][8];
+  LaneTable() {
+    for (int mask = 0; mask < 256; ++mask)
+      for (int lane = 0; lane < 8; ++lane) lanes[mask][lane] = (mask >> lane & 1) ? ~0u : 0u;
+  }
+};
+const LaneTable g_lane_table;
+
+__attribute__((target("avx2"))) void zero_f32_avx2(float* update, const uint64_t* words, int64_t len) {
+  const auto* bytes = reinterpret_cast<const uint8_t*>(words);  // byte b: elements 8b .. 8b + 7
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    const __m256 lanes = _mm256_load_ps(reinterpret_cast<const float*>(g_lane_table.lanes[bytes[j / 8]]));
+    _mm256_storeu_ps(update + j, _mm256_andnot_ps(lanes, _mm256_loadu_ps(update + j)));
+  }
+  for (; j < len; ++j) update[j] = (words[j >> 6] >> (j & 63)) & 1 ? 0.0f : update[j];
 }
 #endif
 
@@ -821,7 +844,7 @@ std::vector<Selection> select_thresholds(const std::vector<SelectInput>& inputs,
   return results;
 }
 
-void masked_bytes(const Classes& c, int64_t begin, int64_t end, float thr, uint8_t* masked) {
+int64_t masked_words(const Classes& c, int64_t begin, int64_t end, float thr, uint64_t* words) {
   const int64_t s = begin / c.slice_len, offset = begin - s * c.slice_len;
   const Classes::Slice& slice = c.slices[s];
   const int64_t chunk = offset / kApplyChunk;
@@ -833,9 +856,25 @@ void masked_bytes(const Classes& c, int64_t begin, int64_t end, float thr, uint8
   const int64_t count = slice.chunk_key[chunk + 1] - slice.chunk_key[chunk];
   const bool low_masked = float_of(c.lo) < thr;
 #ifdef CURE_X86_AVX2
-  if (g_has_bmi2) return masked_bytes_bmi2(low, mid, keys, count, end - begin, low_masked, thr, masked);
+  if (g_has_bmi2) return masked_words_bmi2(low, mid, keys, count, end - begin, low_masked, thr, words);
 #endif
-  masked_bytes_generic(low, mid, keys, end - begin, low_masked, thr, masked);
+  return masked_words_generic(low, mid, keys, end - begin, low_masked, thr, words);
+}
+
+void bytes_of_words(const uint64_t* words, int64_t len, uint8_t* bytes) {
+  for (int64_t j = 0; j < len; ++j) bytes[j] = static_cast<uint8_t>((words[j >> 6] >> (j & 63)) & 1);
+}
+
+void zero_masked_f32(float* update, const uint64_t* words, int64_t len) {
+#ifdef CURE_X86_AVX2
+  if (g_has_avx2) return zero_f32_avx2(update, words, len);
+#endif
+  for (int64_t j = 0; j < len; ++j) update[j] = (words[j >> 6] >> (j & 63)) & 1 ? 0.0f : update[j];
+}
+
+uint64_t* chunk_mask_words() {
+  thread_local std::vector<uint64_t> buffer(kApplyChunk / 64);
+  return buffer.data();
 }
 
 uint8_t* chunk_mask_buffer() {

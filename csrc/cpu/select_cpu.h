@@ -121,11 +121,21 @@ inline bool decides(const Classes& c, float thr) {
   return t >= c.lo && t <= c.hi && (t > c.lo || !c.any_below);
 }
 
-// masked[j] = 1 where element begin + j of the tensor has s < thr, else 0, for one apply chunk
-// [begin, end) (begin a multiple of kApplyChunk from its slice's start); decides(c, thr) must hold.
-void masked_bytes(const Classes& c, int64_t begin, int64_t end, float thr, uint8_t* masked);
+// Bit j of words[w] = 1 where element begin + 64w + j of the tensor has s < thr, else 0, for one apply
+// chunk [begin, end) (begin a multiple of kApplyChunk from its slice's start; bits past end are 0);
+// decides(c, thr) must hold. Returns the number of elements masked.
+int64_t masked_words(const Classes& c, int64_t begin, int64_t end, float thr, uint64_t* words);
 
-// A buffer of kApplyChunk bytes for masked_bytes, one per thread.
+// A buffer of kApplyChunk / 64 words for masked_words, one per thread.
+uint64_t* chunk_mask_words();
+
+// bytes[j] = bit j of words, for j < len (for the apply loops of every dtype).
+void bytes_of_words(const uint64_t* words, int64_t len, uint8_t* bytes);
+
+// update[j] = 0 where bit j of words is set, j < len (AVX2: eight elements per table lookup).
+void zero_masked_f32(float* update, const uint64_t* words, int64_t len);
+
+// A buffer of kApplyChunk bytes for bytes_of_words, one per thread.
 uint8_t* chunk_mask_buffer();
 
 // Counts the apply pass of one tensor that compares scores with its threshold: from the classes

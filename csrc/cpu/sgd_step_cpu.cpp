@@ -47,7 +47,7 @@ struct Hyper {
 };
 
 // Where an apply pass takes s < thr from: nowhere (thr masks nothing), the recomputed scores, or one
-// byte per element from cpu::masked_bytes.
+// byte per element from the bracket's classes (cpu::masked_words, cpu::bytes_of_words).
 enum Mask : int { kNoMask = 0, kScores = 1, kBytes = 2 };
 
 // One chunk of one tensor. MASK: see Mask; FREEZE: mask mode "update"; STEP: the SGD update is applied
@@ -137,8 +137,10 @@ int64_t apply_entry_chunk(const Entry& e, const cpu::Classes* classes, int64_t b
                           float thr, bool freeze, bool step, bool revise) {
   uint8_t* mask_bytes = nullptr;
   if (classes != nullptr && cpu::masks_anything(thr)) {
+    uint64_t* words = cpu::chunk_mask_words();
+    cpu::masked_words(*classes, begin, end, thr, words);
     mask_bytes = cpu::chunk_mask_buffer();
-    cpu::masked_bytes(*classes, begin, end, thr, mask_bytes);
+    cpu::bytes_of_words(words, end - begin, mask_bytes);
   }
   switch (e.param.scalar_type()) {
     case at::kFloat: return apply_chunk<float>(e, begin, end, h, thr, freeze, step, revise, mask_bytes);
