@@ -55,6 +55,29 @@ def _sample_rank_above(rank: int, n: int) -> int:
     return math.ceil(SAMPLE * f + SIGMAS * math.sqrt(SAMPLE * f * (1.0 - f))) + 1
 
 
+def bracket_keys(scores: torch.Tensor, p: float) -> tuple[int, int, int, int, int]:
+    """(lo, hi, #keys < lo, #keys == lo, #keys in (lo, hi]) of the CPU kernel's bracket for one tensor of at
+    least BRACKET_MIN non-NaN scores: the bracket keys are uint32 bit patterns of scores."""
+    keys = _keys(scores)
+    n = keys.numel()
+    r0, r1 = _ranks(n, p)
+    sample = torch.sort(keys[sample_index(n)]).values
+    r_lo, r_hi = _sample_rank_below(r0, n), _sample_rank_above(r1, n)
+    lo = int(sample[r_lo]) if r_lo >= 0 else 0
+    hi = int(sample[r_hi]) if r_hi <= SAMPLE - 1 else 0xFFFFFFFF
+    return lo, hi, int((keys < lo).sum()), int((keys == lo).sum()), int(((keys > lo) & (keys <= hi)).sum())
+
+
+def _keys(scores: torch.Tensor) -> torch.Tensor:
+    s = scores.detach().reshape(-1).float().cpu()
+    return s.view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # the uint32 bit patterns (scores are >= +0)
+
+
+def _ranks(n: int, p: float) -> tuple[int, int]:
+    k = math.floor((n - 1) * p)
+    return (n - 1, n - 1) if k >= n - 1 else (k, k + 1)
+
+
 def bracket_outcome(scores: torch.Tensor, p: float) -> tuple[str, float]:
     """(path, candidates / n) of one tensor's selection in the CPU kernel: path is "empty", "direct"
     (n < BRACKET_MIN), "nonfinite" (a NaN score), "bracket" (hit) or "fallback" (miss)."""
@@ -66,16 +89,8 @@ def bracket_outcome(scores: torch.Tensor, p: float) -> tuple[str, float]:
         return "nonfinite", 0.0
     if n < BRACKET_MIN:
         return "direct", 0.0
-    keys = s.view(torch.int32).to(torch.int64) & 0xFFFFFFFF  # the uint32 bit patterns (scores are >= +0)
-    k = math.floor((n - 1) * p)
-    r0, r1 = (n - 1, n - 1) if k >= n - 1 else (k, k + 1)
-    sample = torch.sort(keys[sample_index(n)]).values
-    r_lo, r_hi = _sample_rank_below(r0, n), _sample_rank_above(r1, n)
-    lo = int(sample[r_lo]) if r_lo >= 0 else 0
-    hi = int(sample[r_hi]) if r_hi <= SAMPLE - 1 else 0xFFFFFFFF
-    lt = int((keys < lo).sum())
-    eq = int((keys == lo).sum())
-    mid = int(((keys > lo) & (keys <= hi)).sum())
+    lo, hi, lt, eq, mid = bracket_keys(s, p)
+    r0, r1 = _ranks(n, p)
     if mid > n // CANDIDATE_DIVISOR or r0 < lt or r1 >= lt + eq + mid:
         return "fallback", mid / n
     return "bracket", mid / n

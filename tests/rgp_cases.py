@@ -50,6 +50,16 @@ def make_case(kind: str, n: int, gen: torch.Generator) -> tuple[torch.Tensor, to
 KINDS = ("random", "ties", "zeros", "all_equal", "denormal", "wide", "inf", "nan")
 
 
+def make_case_lists(kind: str, sizes, dtype: torch.dtype, gen: torch.Generator, device="cpu"):
+    """g_nat and g_adv lists with one tensor of each size (make_case; an empty tensor for size 0)."""
+    nat, adv = [], []
+    for n in sizes:
+        a, b = make_case(kind, n, gen) if n else (torch.empty(0), torch.empty(0))
+        nat.append(a.to(device=device, dtype=dtype))
+        adv.append(b.to(device=device, dtype=dtype))
+    return nat, adv
+
+
 def bitwise_equal_f32(x: torch.Tensor, y: torch.Tensor) -> bool:
     """Equal as float32 bit patterns, except that any NaN equals any NaN."""
     x, y = x.float().cpu(), y.float().cpu()

@@ -395,13 +395,37 @@ def test_revise_non_contiguous_and_mixed_dtypes():
 # --- the sampling bracket of the selection (csrc/cpu/select_cpu.cpp, docs/selection.md) ---------------
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.bracket_hit_rate import BRACKET_MIN, bracket_outcome, sample_index  # noqa: E402
+from bench.bracket_hit_rate import BRACKET_MIN, bracket_keys, bracket_outcome, sample_index  # noqa: E402
 
 PATHS = ("empty", "direct", "bracket", "fallback", "nonfinite")
+APPLIES = ("classes", "scores")
 
 
 def _path_counts() -> dict[str, int]:
     return dict(zip(PATHS, torch.ops.cure.cpu_selection_counters(True).tolist()))
+
+
+def _apply_counts() -> dict[str, int]:
+    return dict(zip(APPLIES, torch.ops.cure.cpu_apply_counters(True).tolist()))
+
+
+def predicted_apply(scores: torch.Tensor, p: float, threshold: float) -> str | None:
+    """How the CPU kernels' apply pass decides s < thr for one tensor (select_cpu.h, Classes): None where the
+    threshold masks nothing (NaN or 0), "classes" where the bracket hit and lo <= thr <= hi with thr > lo or no
+    key below lo, else "scores" (recomputed from g_nat and g_adv)."""
+    if not threshold > 0:
+        return None
+    if bracket_outcome(scores, p)[0] != "bracket":
+        return "scores"
+    lo, hi, below, _, _ = bracket_keys(scores, p)
+    t = int(torch.tensor([threshold], dtype=torch.float32).view(torch.int32)) & 0xFFFFFFFF
+    return "classes" if lo <= t <= hi and (t > lo or below == 0) else "scores"
+
+
+def _expected_applies(nats, advs, alpha, p, thresholds) -> dict[str, int]:
+    applies = [predicted_apply(reference.rgp_scores(x, y, alpha).reshape(-1), p, float(t))
+               for x, y, t in zip(nats, advs, thresholds)]
+    return {k: applies.count(k) for k in APPLIES}
 
 
 def bracket_gradients(kind: str, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -499,14 +523,63 @@ def test_bracket_defeating_inputs_are_exact_and_take_the_predicted_path(kind, la
             if kind in EXPECTED_PATH:
                 assert predicted[0] == EXPECTED_PATH[kind], (n, predicted)
             _path_counts()
-            check_against_reference([torch.randn(n, generator=gen) for _ in nats], nats, advs, 0.5, p)
+            _apply_counts()
+            stats = check_against_reference([torch.randn(n, generator=gen) for _ in nats], nats, advs, 0.5, p)
             counts = _path_counts()
             assert counts == {k: predicted.count(k) for k in PATHS}, (n, counts, predicted)
-            check_sgd_step_against_reference([[t] for t in _sgd_lists(a, b, gen)], 0.5, p, mask_mode="update",
-                                             skip=torch.tensor(0.0))
-            assert _path_counts()[predicted[0]] == 1
+            # The apply pass decided each tensor from the bracket's classes exactly where they decide it.
+            assert _apply_counts() == _expected_applies(nats, advs, 0.5, p, stats.thresholds), n
+            for skip in (None, torch.tensor(0.0)):  # applied right after each selection / after all of them
+                stats = check_sgd_step_against_reference([[t] for t in _sgd_lists(a, b, gen)], 0.5, p,
+                                                         mask_mode="update", skip=skip)
+                assert _path_counts()[predicted[0]] == 1
+                assert _apply_counts() == _expected_applies([a], [b], 0.5, p, stats.thresholds), n
     finally:
         torch.set_num_threads(threads)
+
+
+def test_apply_pass_takes_the_classes_only_where_they_decide_the_threshold():
+    """Random scores: the bracket's classes decide every element. A run of equal scores straddling rank k
+    with scores below it: thr == lo with keys below lo, which the classes (key <= lo) cannot tell apart,
+    so the apply pass recomputes the scores; both exact."""
+    gen = torch.Generator().manual_seed(77)
+    n = 300007
+    # zeros30 at p = 0.31: lo is the zero key (no key below it), thr > 0: every zero is masked.
+    for kind, p, expected in (("random", 0.3, "classes"), ("run_straddling_k", 0.3, "scores"),
+                              ("zeros30", 0.31, "classes")):
+        a, b = bracket_gradients(kind, n, gen)
+        _apply_counts()
+        stats = check_against_reference([torch.randn(n, generator=gen)], [a], [b], 0.5, p)
+        scores = reference.rgp_scores(a, b, 0.5)
+        assert predicted_apply(scores, p, float(stats.thresholds[0])) == expected, kind
+        assert _apply_counts() == {k: int(k == expected) for k in APPLIES}, kind
+        if kind == "zeros30":
+            assert bracket_keys(scores, p)[0] == 0 and float(stats.thresholds[0]) > 0
+
+
+@pytest.mark.parametrize("threads", (1, 2, 3))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_classes_across_apply_chunks_and_thread_slices(threads, dtype):
+    """Sizes around the apply chunk (2^15) and the slices of a tensor split over the threads (multiples of
+    it), one of them split, for every dtype: bit for bit the reference, decided from the classes."""
+    gen = torch.Generator().manual_seed(78 + threads)
+    sizes = (1 << 16, (1 << 16) + 1, 3 * (1 << 15) - 1, 3 * (1 << 15) + 63, 1 << 20 | 5)
+    nats = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    advs = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _apply_counts()
+        check_against_reference([torch.randn(n, generator=gen).to(dtype) for n in sizes], nats, advs, 0.3, 0.3)
+        assert _apply_counts() == {"classes": len(sizes), "scores": 0}
+        for skip in (None, torch.tensor(0.0)):
+            lists = [[torch.randn(n, generator=gen).to(dtype) for n in sizes], [torch.randn(n, generator=gen).to(dtype)
+                     for n in sizes], nats, advs, [torch.randn(n, generator=gen).to(dtype) for n in sizes],
+                     [torch.randn(n, generator=gen).to(dtype) for n in sizes]]
+            check_sgd_step_against_reference(lists, 0.3, 0.3, mask_mode="grad", skip=skip)
+            assert _apply_counts() == {"classes": len(sizes), "scores": 0}
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("p", (0.0, 1e-6, 0.3, 0.999, 1.0))

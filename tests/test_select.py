@@ -14,7 +14,7 @@ import contextlib
 
 import pytest
 import torch
-from rgp_cases import DTYPES, KINDS, bitwise_equal_f32, make_case
+from rgp_cases import DTYPES, KINDS, bitwise_equal_f32, make_case_lists
 
 import cure.methods as methods
 import cure_kernels as ck
@@ -50,13 +50,7 @@ def _same_bits(xs, ys) -> bool:
 
 
 def _grads(kind, sizes, dtype, seed, device="cpu"):
-    gen = torch.Generator().manual_seed(seed)
-    nat, adv = [], []
-    for n in sizes:
-        a, b = make_case(kind, n, gen) if n else (torch.empty(0), torch.empty(0))
-        nat.append(a.to(device=device, dtype=dtype))
-        adv.append(b.to(device=device, dtype=dtype))
-    return nat, adv
+    return make_case_lists(kind, sizes, dtype, torch.Generator().manual_seed(seed), device)
 
 
 def _assert_select_matches_mask_reference(backend, nat, adv, alpha, p):

@@ -15,7 +15,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-from rgp_cases import DTYPES, KINDS, assert_matches_reference, bitwise_equal_f32, make_case
+from rgp_cases import DTYPES, KINDS, assert_matches_reference, bitwise_equal_f32, make_case, make_case_lists
 
 import cure_kernels as ck
 from cure_kernels import reference
@@ -46,11 +46,7 @@ ALPHAS = (0.0, 0.1, 1.0)
 
 def _inputs(kind, sizes, dtype, seed, device):
     gen = torch.Generator().manual_seed(seed)
-    nat, adv = [], []
-    for n in sizes:
-        a, b = make_case(kind, n, gen) if n else (torch.empty(0), torch.empty(0))
-        nat.append(a.to(device=device, dtype=dtype))
-        adv.append(b.to(device=device, dtype=dtype))
+    nat, adv = make_case_lists(kind, sizes, dtype, gen, device)
     updates = [torch.randn(n, generator=gen).to(device=device, dtype=dtype) for n in sizes]
     return updates, nat, adv
 

@@ -3,14 +3,17 @@
 //
 // Per tensor: select_cpu.cpp finds the threshold exactly, reading the gradients once for large
 // tensors (the sampling bracket; docs/selection.md); right after it, on the same thread (or on all
-// threads for a tensor split over them), the apply pass recomputes each score and zeroes
-// update[s < thr]: 8 B of gradients read again (mostly from the last-level cache) and the update read
-// and written once per element. A tensor whose threshold is NaN or 0 masks nothing and is not read again.
+// threads for a tensor split over them), the apply pass zeroes update[s < thr], reading and writing the
+// update once per element. A bracket hit decides s < thr from the classes its pass kept (2 bits per
+// element and the keys inside the bracket: select_cpu.h, Classes), so the gradients are read once in
+// all; any other tensor has its scores recomputed (8 B of gradients read again). A tensor whose
+// threshold is NaN or 0 masks nothing and is not read again.
 #include <ATen/ATen.h>
 #include <omp.h>
 #include <torch/library.h>
 
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "select_cpu.h"
@@ -20,43 +23,55 @@ namespace {
 
 using cpu::Weights;
 
-constexpr int64_t kChunk = 1 << 15;  // elements per chunk of the apply pass
-
 struct Entry {
   at::Tensor update, nat, adv;  // contiguous (copies where the caller's were not)
   int64_t n;
 };
 
-template <typename T>
-inline __attribute__((always_inline)) int64_t mask_range(T* update, const T* nat, const T* adv, int64_t n, Weights w, float thr) {
+// Zeroes update[i] where s_i < thr: from the scores (masked == nullptr) or from masked[i] (BYTES).
+template <typename T, bool BYTES>
+inline __attribute__((always_inline)) int64_t mask_range(T* update, const T* nat, const T* adv, const uint8_t* masked,
+                                                         int64_t n, Weights w, float thr) {
   int64_t kept = 0;
   // The update may be g_nat or g_adv itself: each element's score is read before it is written, and
   // no iteration reads what another writes.
 #pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
-    const bool keep = !(cpu::score(nat[i], adv[i], w) < thr);
+    const bool keep = BYTES ? masked[i] == 0 : !(cpu::score(nat[i], adv[i], w) < thr);
     update[i] = keep ? update[i] : T(0);
     kept += keep;
   }
   return kept;
 }
 
-CURE_TARGET_AVX2 int64_t mask_range_avx2(float* update, const float* nat, const float* adv, int64_t n, Weights w,
-                                        float thr) {
-  return mask_range(update, nat, adv, n, w, thr);
+template <bool BYTES>
+CURE_TARGET_AVX2 int64_t mask_range_avx2(float* update, const float* nat, const float* adv, const uint8_t* masked,
+                                        int64_t n, Weights w, float thr) {
+  return mask_range<float, BYTES>(update, nat, adv, masked, n, w, thr);
 }
 
-int64_t mask_chunk(const Entry& e, int64_t begin, int64_t end, Weights w, float thr) {
+template <typename T>
+int64_t mask_typed(const Entry& e, int64_t begin, int64_t end, Weights w, float thr, const uint8_t* masked) {
+  T* update = e.update.data_ptr<T>() + begin;
+  const T* nat = e.nat.data_ptr<T>() + begin;
+  const T* adv = e.adv.data_ptr<T>() + begin;
+  const int64_t n = end - begin;
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu::has_avx2())
+      return masked != nullptr ? mask_range_avx2<true>(update, nat, adv, masked, n, w, thr)
+                               : mask_range_avx2<false>(update, nat, adv, masked, n, w, thr);
+  }
+  return masked != nullptr ? mask_range<T, true>(update, nat, adv, masked, n, w, thr)
+                           : mask_range<T, false>(update, nat, adv, masked, n, w, thr);
+}
+
+// One chunk [begin, end) of a tensor; masked: one byte per element (cpu::bytes_of_words), or nullptr to
+// compare the recomputed scores with thr.
+int64_t mask_chunk(const Entry& e, int64_t begin, int64_t end, Weights w, float thr, const uint8_t* masked) {
   switch (e.update.scalar_type()) {
-    case at::kFloat:
-      return (cpu::has_avx2() ? mask_range_avx2 : mask_range<float>)(e.update.data_ptr<float>() + begin, e.nat.data_ptr<float>() + begin,
-                        e.adv.data_ptr<float>() + begin, end - begin, w, thr);
-    case at::kBFloat16:
-      return mask_range(e.update.data_ptr<c10::BFloat16>() + begin, e.nat.data_ptr<c10::BFloat16>() + begin,
-                        e.adv.data_ptr<c10::BFloat16>() + begin, end - begin, w, thr);
-    case at::kHalf:
-      return mask_range(e.update.data_ptr<c10::Half>() + begin, e.nat.data_ptr<c10::Half>() + begin,
-                        e.adv.data_ptr<c10::Half>() + begin, end - begin, w, thr);
+    case at::kFloat: return mask_typed<float>(e, begin, end, w, thr, masked);
+    case at::kBFloat16: return mask_typed<c10::BFloat16>(e, begin, end, w, thr, masked);
+    case at::kHalf: return mask_typed<c10::Half>(e, begin, end, w, thr, masked);
     default: TORCH_CHECK(false, "cure::rgp_mask: unsupported dtype ", e.update.scalar_type());
   }
 }
@@ -89,18 +104,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_mask_cpu(at::TensorList updat
   inputs.reserve(count);
   for (const Entry& e : entries)
     inputs.push_back({e.nat.data_ptr(), e.adv.data_ptr(), e.update.scalar_type(), e.n});
-  // Each tensor is masked right after its selection, while its gradients are still in the cache.
+  // Each tensor is masked right after its selection, while what it needs is still in the cache.
   std::vector<int64_t> kept_count(count, 0);
+  cpu::ClassesLease classes;
   const cpu::AfterSelect mask_tensor = [&](int64_t i, const cpu::Selection& s, bool split) {
     const Entry& e = entries[i];
     if (!cpu::masks_anything(s.threshold)) {
       kept_count[i] = e.n;
       return;
     }
-    const auto chunk = [&](int64_t begin, int64_t end) { return mask_chunk(e, begin, end, w, s.threshold); };
-    kept_count[i] = split ? cpu::apply_backwards_split(e.n, kChunk, chunk) : cpu::apply_backwards(0, e.n, kChunk, chunk);
+    const cpu::Classes& c = (*classes)[i];
+    const bool by_classes = cpu::decides(c, s.threshold);
+    cpu::count_apply(by_classes);
+    const auto chunk = [&](int64_t begin, int64_t end) -> int64_t {
+      if (!by_classes) return mask_chunk(e, begin, end, w, s.threshold, nullptr);
+      uint64_t* words = cpu::chunk_mask_words();
+      const int64_t masked = cpu::masked_words(c, begin, end, s.threshold, words);
+      if (e.update.scalar_type() == at::kFloat) {  // straight from the bits
+        cpu::zero_masked_f32(e.update.data_ptr<float>() + begin, words, end - begin);
+        return end - begin - masked;
+      }
+      uint8_t* bytes = cpu::chunk_mask_buffer();
+      cpu::bytes_of_words(words, end - begin, bytes);
+      return mask_chunk(e, begin, end, w, s.threshold, bytes);
+    };
+    kept_count[i] = split ? cpu::apply_backwards_split(e.n, chunk) : cpu::apply_backwards(0, e.n, chunk);
   };
-  const std::vector<cpu::Selection> sel = cpu::select_thresholds(inputs, w, p, mask_tensor);
+  const std::vector<cpu::Selection> sel = cpu::select_thresholds(inputs, w, p, mask_tensor, classes.get());
 
   auto stats = cpu::mask_stats(sel, kept_count);
   for (int64_t i = 0; i < count; ++i) {

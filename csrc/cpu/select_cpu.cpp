@@ -184,16 +184,20 @@ KeyPair select_in_bins(const uint32_t* src, int64_t n, int64_t lo, int64_t hi, i
   }
 }
 
-// Keys of ranks r0 <= r1 among keys[0, n), all of which lie in [base, base + span]; keys is reordered.
+// Keys of ranks r0 <= r1 among keys[0, n), all of which lie in [base, base + span]; keys is not modified.
 // A histogram of the top 12 bits of key - base, then nth_element inside the bin(s) holding the two
 // ranks; adjacent ranks in different bins are the largest key of one bin and the smallest of the next.
-KeyPair select_two(uint32_t* keys, int64_t n, int64_t r0, int64_t r1, uint32_t base, uint32_t span,
+KeyPair select_two(const uint32_t* keys, int64_t n, int64_t r0, int64_t r1, uint32_t base, uint32_t span,
                    Histogram& hist, std::vector<uint32_t>& tmp) {
   if (n <= kRefineDirect) {
-    std::nth_element(keys, keys + r0, keys + n);
-    if (r1 == r0) return {keys[r0], keys[r0]};
-    std::nth_element(keys + r0 + 1, keys + r1, keys + n);
-    return {keys[r0], keys[r1]};
+    // On a copy: the bracket's candidates stay in element order for the apply pass (Classes).
+    if (static_cast<int64_t>(tmp.size()) < n) tmp.resize(n);
+    uint32_t* t = tmp.data();
+    std::copy(keys, keys + n, t);
+    std::nth_element(t, t + r0, t + n);
+    if (r1 == r0) return {t[r0], t[r0]};
+    std::nth_element(t + r0 + 1, t + r1, t + n);
+    return {t[r0], t[r1]};
   }
   const int width = span == 0 ? 0 : 32 - __builtin_clz(span);
   const int shift = std::max(0, width - 12);
@@ -297,13 +301,6 @@ Selection radix_serial(const T* nat, const T* adv, int64_t n, Weights w, double 
     pair = select_in_bins(keys, n, ip.lo_rank, ip.hi_rank, 0, s.hist, s.cand);
   }
   return {threshold_from(pair.lo, pair.hi, ip.g), nonfinite, path};
-}
-
-// Per-thread slice [begin, end) of n elements.
-std::pair<int64_t, int64_t> slice_of(int64_t n, int threads, int t) {
-  const int64_t chunk = (n + threads - 1) / threads;
-  const int64_t begin = std::min(n, t * chunk);
-  return {begin, std::min(n, begin + chunk)};
 }
 
 // Buffers of the split paths: shared by one call's threads and reused across calls (no page faults
@@ -420,9 +417,12 @@ struct BracketCounts {
   bool overflow = false;
 };
 
-// One block of keys: counts (< lo, == lo, inf or NaN, NaN) added to counts[0..3], the keys in (lo, hi]
-// appended to out[m...] (which has room for len + 8 more). Returns the new m.
-int64_t count_block(const uint32_t* keys, int64_t len, Bracket b, uint32_t* out, int64_t m, int64_t* counts) {
+// One block of keys, starting at a multiple of 8 elements of its slice: counts (< lo, == lo, inf or NaN,
+// NaN) added to counts[0..3], the keys in (lo, hi] appended to out[m...] (which has room for len + 8
+// more), and, where low and mid are given, the class bits of its elements (Classes; low and mid point at
+// the byte of the block's first element). Returns the new m.
+int64_t count_block(const uint32_t* keys, int64_t len, Bracket b, uint32_t* out, int64_t m, int64_t* counts,
+                    uint8_t* low, uint8_t* mid) {
   uint32_t lt = 0, eq = 0, nonfinite = 0, nan = 0;
   for (int64_t j = 0; j < len; ++j) {  // vectorised
     const uint32_t key = keys[j];
@@ -435,6 +435,17 @@ int64_t count_block(const uint32_t* keys, int64_t len, Bracket b, uint32_t* out,
     const uint32_t key = keys[j];
     out[m] = key;
     m += (key > b.lo) & (key <= b.hi);
+  }
+  if (low != nullptr) {
+    for (int64_t g = 0; g < len; g += 8) {
+      uint32_t l = 0, d = 0;
+      for (int64_t j = g; j < std::min(len, g + 8); ++j) {
+        l |= static_cast<uint32_t>(keys[j] <= b.lo) << (j - g);
+        d |= static_cast<uint32_t>((keys[j] > b.lo) & (keys[j] <= b.hi)) << (j - g);
+      }
+      low[g / 8] = static_cast<uint8_t>(l);
+      mid[g / 8] = static_cast<uint8_t>(d);
+    }
   }
   counts[0] += lt;
   counts[1] += eq;
@@ -458,80 +469,129 @@ struct CompactTable {
 };
 const CompactTable g_compact_table;
 const bool g_has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+const bool g_has_bmi2 = g_has_avx2 && __builtin_cpu_supports("bmi2");
 
-// count_block with AVX2: 8 keys per step, compaction by a table-driven lane permutation.
-__attribute__((target("avx2,popcnt"))) int64_t count_block_avx2(const uint32_t* keys, int64_t len, Bracket b,
-                                                               uint32_t* out, int64_t m, int64_t* counts) {
+// count_block with AVX2, 8 keys per step, compaction by a table-driven lane permutation. FLOATS: the keys
+// are the scores of x and y (float32 g_nat, g_adv), computed in registers (no FMA: -ffp-contract=off, and
+// the same operations as score()); otherwise they are read from keys. The inf/NaN counts are taken from a
+// running maximum of the keys: only a block holding a key >= +inf (or a NaN) is counted key by key.
+template <bool FLOATS>
+__attribute__((target("avx2,popcnt"))) int64_t count_block_avx2(const uint32_t* keys, const float* x, const float* y,
+                                                               Weights w, int64_t len, Bracket b, uint32_t* out,
+                                                               int64_t m, int64_t* counts, uint8_t* low, uint8_t* mid) {
   const __m256i bias = _mm256_set1_epi32(static_cast<int>(0x80000000u));  // unsigned order as signed
   const __m256i lo = _mm256_set1_epi32(static_cast<int>(b.lo ^ 0x80000000u));
   const __m256i hi = _mm256_set1_epi32(static_cast<int>(b.hi ^ 0x80000000u));
   const __m256i lo_raw = _mm256_set1_epi32(static_cast<int>(b.lo));
-  const __m256i exp_mask = _mm256_set1_epi32(0x7F800000);
-  const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
-  __m256i lt = _mm256_setzero_si256(), eq = lt, nonfinite = lt, nan = lt;
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 w_nat = _mm256_set1_ps(w.nat), w_adv = _mm256_set1_ps(w.adv);
+  __m256i lt = _mm256_setzero_si256(), eq = lt, top = lt;
   int64_t j = 0;
   for (; j + 8 <= len; j += 8) {
-    const __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j));
+    __m256i k;
+    if constexpr (FLOATS) {
+      const __m256 sx = _mm256_mul_ps(w_nat, _mm256_and_ps(abs_mask, _mm256_loadu_ps(x + j)));
+      const __m256 sy = _mm256_mul_ps(w_adv, _mm256_and_ps(abs_mask, _mm256_loadu_ps(y + j)));
+      k = _mm256_castps_si256(_mm256_add_ps(sx, sy));
+    } else {
+      k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys + j));
+    }
     const __m256i kb = _mm256_xor_si256(k, bias);
     lt = _mm256_sub_epi32(lt, _mm256_cmpgt_epi32(lo, kb));
     eq = _mm256_sub_epi32(eq, _mm256_cmpeq_epi32(k, lo_raw));
-    nonfinite = _mm256_sub_epi32(nonfinite, _mm256_cmpeq_epi32(_mm256_and_si256(k, exp_mask), exp_mask));
-    nan = _mm256_sub_epi32(nan, _mm256_cmpgt_epi32(_mm256_and_si256(k, abs_mask), exp_mask));
-    const __m256i in = _mm256_andnot_si256(_mm256_cmpgt_epi32(kb, hi), _mm256_cmpgt_epi32(kb, lo));
+    top = _mm256_max_epu32(top, k);
+    const __m256i above_lo = _mm256_cmpgt_epi32(kb, lo);
+    const __m256i in = _mm256_andnot_si256(_mm256_cmpgt_epi32(kb, hi), above_lo);
     const unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(in)));
     const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(g_compact_table.lanes[mask]));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + m), _mm256_permutevar8x32_epi32(k, perm));
     m += _mm_popcnt_u32(mask);
+    if (low != nullptr) {
+      low[j / 8] = static_cast<uint8_t>(~static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(above_lo))));
+      mid[j / 8] = static_cast<uint8_t>(mask);
+    }
   }
-  alignas(32) uint32_t sums[4][8];
+  alignas(32) uint32_t sums[3][8];
   _mm256_store_si256(reinterpret_cast<__m256i*>(sums[0]), lt);
   _mm256_store_si256(reinterpret_cast<__m256i*>(sums[1]), eq);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(sums[2]), nonfinite);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(sums[3]), nan);
-  for (int c = 0; c < 4; ++c)
-    for (int lane = 0; lane < 8; ++lane) counts[c] += sums[c][lane];
-  return count_block(keys + j, len - j, b, out, m, counts);
-}
-
-// The scores of a float32 block as keys, compiled for AVX2 (no FMA: -ffp-contract=off).
-__attribute__((target("avx2"))) void keys_avx2(const float* x, const float* y, int64_t len, Weights w,
-                                              uint32_t* keys) {
-  for (int64_t j = 0; j < len; ++j) keys[j] = key_of(score(x[j], y[j], w));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(sums[2]), top);
+  uint32_t largest = 0;
+  for (int lane = 0; lane < 8; ++lane) {
+    counts[0] += sums[0][lane];
+    counts[1] += sums[1][lane];
+    largest = std::max(largest, sums[2][lane]);
+  }
+  if (largest >= 0x7F800000u) {  // +inf, or a NaN (of either sign): count them
+    for (int64_t i = 0; i < j; ++i) {
+      const uint32_t key = FLOATS ? key_of(score(x[i], y[i], w)) : keys[i];
+      counts[2] += (key & 0x7F800000u) == 0x7F800000u;
+      counts[3] += (key & 0x7FFFFFFFu) > 0x7F800000u;
+    }
+  }
+  if (j == len) return m;  // (a call with nothing left still costs a store-forwarding stall on counts)
+  uint32_t rest[8];
+  if constexpr (FLOATS) {
+    for (int64_t i = j; i < len; ++i) rest[i - j] = key_of(score(x[i], y[i], w));
+  } else {
+    std::copy(keys + j, keys + len, rest);
+  }
+  return count_block(rest, len - j, b, out, m, counts, low == nullptr ? nullptr : low + j / 8,
+                     mid == nullptr ? nullptr : mid + j / 8);
 }
 #endif
 
 // One pass: counts of keys < lo, == lo, inf/NaN and NaN; the keys in (lo, hi] compacted into cand,
 // which has room for cap + kBlock + 8 keys. Stops early (overflow) once more than cap keys were compacted.
+// With keep, also the class planes of the n elements and the first candidate of every apply chunk
+// (Classes; cand is then keep->keys).
 template <typename T>
 BracketCounts count_and_compact(const T* nat, const T* adv, int64_t n, Weights w, Bracket b, uint32_t* cand,
-                                int64_t cap) {
+                                int64_t cap, Classes::Slice* keep) {
   BracketCounts c;
   alignas(32) uint32_t keys[kBlock];
   int64_t counts[4] = {0, 0, 0, 0};
   int64_t m = 0;
+  uint8_t* low = nullptr;
+  uint8_t* mid = nullptr;
+  if (keep != nullptr) {
+    const int64_t bytes = (n + 63) / 64 * 8;  // whole 64-bit words
+    keep->low.resize(bytes);
+    keep->mid.resize(bytes);
+    // Bytes past the last element's read as "high": zero (the pass writes every byte before them).
+    std::fill(keep->low.begin() + n / 8, keep->low.end(), uint8_t{0});
+    std::fill(keep->mid.begin() + n / 8, keep->mid.end(), uint8_t{0});
+    keep->chunk_key.assign((n + kApplyChunk - 1) / kApplyChunk + 1, 0);
+    low = keep->low.data();
+    mid = keep->mid.data();
+  }
+  static_assert(kApplyChunk % kBlock == 0, "apply chunks start at block boundaries");
   for (int64_t base = 0; base < n; base += kBlock) {
     const int64_t len = std::min(kBlock, n - base);
     const T* x = nat + base;
     const T* y = adv + base;
+    if (keep != nullptr && base % kApplyChunk == 0) keep->chunk_key[base / kApplyChunk] = m;
+    uint8_t* low_at = low == nullptr ? nullptr : low + base / 8;
+    uint8_t* mid_at = mid == nullptr ? nullptr : mid + base / 8;
 #ifdef CURE_X86_AVX2
     if (g_has_avx2) {
       if constexpr (std::is_same_v<T, float>) {
-        keys_avx2(x, y, len, w, keys);
+        m = count_block_avx2<true>(nullptr, x, y, w, len, b, cand, m, counts, low_at, mid_at);
       } else {
         for (int64_t j = 0; j < len; ++j) keys[j] = key_of(score(x[j], y[j], w));
+        m = count_block_avx2<false>(keys, nullptr, nullptr, w, len, b, cand, m, counts, low_at, mid_at);
       }
-      m = count_block_avx2(keys, len, b, cand, m, counts);
     } else
 #endif
     {
       for (int64_t j = 0; j < len; ++j) keys[j] = key_of(score(x[j], y[j], w));
-      m = count_block(keys, len, b, cand, m, counts);
+      m = count_block(keys, len, b, cand, m, counts, low_at, mid_at);
     }
     if (m > cap) {
       c.overflow = true;
       break;
     }
   }
+  if (keep != nullptr) keep->chunk_key.back() = m;
   c.lt = counts[0];
   c.eq = counts[1];
   c.nonfinite = counts[2];
@@ -543,7 +603,8 @@ BracketCounts count_and_compact(const T* nat, const T* adv, int64_t n, Weights w
 int64_t candidate_capacity(int64_t n) { return n / kCandidateDivisor; }
 
 // Resolves ranks k and k+1 from the bracket's counts and candidates; false on a miss.
-bool resolve(const BracketCounts& c, Bracket b, uint32_t* cand, const Interpolation& ip, Scratch& s, KeyPair& out) {
+bool resolve(const BracketCounts& c, Bracket b, const uint32_t* cand, const Interpolation& ip, Scratch& s,
+             KeyPair& out) {
   if (c.overflow) return false;
   const int64_t eq_end = c.lt + c.eq, mid_end = eq_end + c.mid;
   const int64_t r0 = ip.lo_rank, r1 = ip.hi_rank;
@@ -559,22 +620,37 @@ bool resolve(const BracketCounts& c, Bracket b, uint32_t* cand, const Interpolat
   return true;
 }
 
+void keep_bracket(Classes* keep, Bracket b, const BracketCounts& c) {
+  keep->valid = true;
+  keep->lo = b.lo;
+  keep->hi = b.hi;
+  keep->any_below = c.lt > 0;
+}
+
 template <typename T>
-Selection bracket_serial(const T* nat, const T* adv, int64_t n, Weights w, double p) {
+Selection bracket_serial(const T* nat, const T* adv, int64_t n, Weights w, double p, Classes* keep) {
   Scratch& s = thread_scratch();
   const Interpolation ip = interpolation(n, p);
   const Bracket b = sample_bracket(nat, adv, n, w, ip, s);
   const int64_t cap = candidate_capacity(n);
-  if (static_cast<int64_t>(s.cand.size()) < cap + kBlock + 8) s.cand.resize(cap + kBlock + 8);
-  const BracketCounts c = count_and_compact(nat, adv, n, w, b, s.cand.data(), cap);
+  Classes::Slice* slice = nullptr;
+  if (keep != nullptr) {
+    keep->slices.resize(1);
+    keep->slice_len = n;
+    slice = &keep->slices[0];
+  }
+  std::vector<uint32_t>& cand = slice != nullptr ? slice->keys : s.cand;
+  if (static_cast<int64_t>(cand.size()) < cap + kBlock + 8) cand.resize(cap + kBlock + 8);
+  const BracketCounts c = count_and_compact(nat, adv, n, w, b, cand.data(), cap, slice);
   if (!c.overflow && c.nan > 0) return nan_selection(c.nonfinite);
   KeyPair pair;
-  if (!resolve(c, b, s.cand.data(), ip, s, pair)) return radix_serial(nat, adv, n, w, p, Path::kFallback);
+  if (!resolve(c, b, cand.data(), ip, s, pair)) return radix_serial(nat, adv, n, w, p, Path::kFallback);
+  if (keep != nullptr) keep_bracket(keep, b, c);
   return {threshold_from(pair.lo, pair.hi, ip.g), c.nonfinite, Path::kBracket};
 }
 
 template <typename T>
-Selection bracket_split(const T* nat, const T* adv, int64_t n, Weights w, double p) {
+Selection bracket_split(const T* nat, const T* adv, int64_t n, Weights w, double p, Classes* keep) {
   const int threads = omp_get_max_threads();
   static std::vector<std::vector<uint32_t>> slices;
   static std::vector<uint32_t> cand;
@@ -583,14 +659,20 @@ Selection bracket_split(const T* nat, const T* adv, int64_t n, Weights w, double
   const Bracket b = sample_bracket(nat, adv, n, w, ip, s);
   const int64_t cap = candidate_capacity(n);
   slices.resize(threads);
+  if (keep != nullptr) {
+    keep->slices.resize(threads);
+    keep->slice_len = slice_length(n, threads);
+  }
   std::vector<BracketCounts> parts(threads);
+  auto buffer_of = [&](int t) -> std::vector<uint32_t>& { return keep != nullptr ? keep->slices[t].keys : slices[t]; };
 #pragma omp parallel num_threads(threads)
-  {
-    const int t = omp_get_thread_num();
+  // Every slice is counted even if the team has fewer threads than asked for.
+  for (int t = omp_get_thread_num(); t < threads; t += omp_get_num_threads()) {
     const auto [begin, end] = slice_of(n, threads, t);
-    std::vector<uint32_t>& mine = slices[t];
+    std::vector<uint32_t>& mine = buffer_of(t);
     if (static_cast<int64_t>(mine.size()) < cap + kBlock + 8) mine.resize(cap + kBlock + 8);
-    parts[t] = count_and_compact(nat + begin, adv + begin, end - begin, w, b, mine.data(), cap);
+    parts[t] = count_and_compact(nat + begin, adv + begin, end - begin, w, b, mine.data(), cap,
+                                 keep != nullptr ? &keep->slices[t] : nullptr);
   }
   BracketCounts c;
   for (const BracketCounts& q : parts) {
@@ -608,13 +690,104 @@ Selection bracket_split(const T* nat, const T* adv, int64_t n, Weights w, double
     cand.resize(c.mid);
     int64_t offset = 0;
     for (int t = 0; t < threads; ++t) {
-      std::copy(slices[t].begin(), slices[t].begin() + parts[t].mid, cand.begin() + offset);
+      std::copy(buffer_of(t).begin(), buffer_of(t).begin() + parts[t].mid, cand.begin() + offset);
       offset += parts[t].mid;
     }
   }
   if (!resolve(c, b, cand.data(), ip, s, pair)) return radix_split(nat, adv, n, w, p, Path::kFallback);
+  if (keep != nullptr) keep_bracket(keep, b, c);
   return {threshold_from(pair.lo, pair.hi, ip.g), c.nonfinite, Path::kBracket};
 }
+
+// --- the apply pass from the classes ----------------------------------------------------------------
+
+// masked_words for one chunk of a slice, element by element: low/mid its class bytes, keys its mid keys.
+int64_t masked_words_generic(const uint8_t* low, const uint8_t* mid, const uint32_t* keys, int64_t len,
+                             bool low_masked, float thr, uint64_t* words) {
+  int64_t total = 0;
+  std::fill(words, words + (len + 63) / 64, uint64_t{0});
+  for (int64_t i = 0; i < len; ++i) {
+    const int bit = static_cast<int>(i & 7);
+    bool masked = low_masked && ((low[i >> 3] >> bit) & 1);
+    if ((mid[i >> 3] >> bit) & 1) masked = float_of(*keys++) < thr;
+    words[i >> 6] |= static_cast<uint64_t>(masked) << (i & 63);
+    total += masked;
+  }
+  return total;
+}
+
+#ifdef CURE_X86_AVX2
+// The same, 64 elements at a time: the mid keys' decisions packed into a bit stream (8 compares per
+// step), then per 64-element word masked = (low if thr > lo) | pdep(next popcount(mid) decisions, mid).
+__attribute__((target("avx2,bmi2,popcnt"))) int64_t masked_words_bmi2(const uint8_t* low, const uint8_t* mid,
+                                                                     const uint32_t* keys, int64_t count,
+                                                                     int64_t len, bool low_masked, float thr,
+                                                                     uint64_t* words) {
+  uint64_t decisions[kApplyChunk / 64 + 2];
+  auto* packed = reinterpret_cast<uint8_t*>(decisions);
+  const int64_t groups = (count + 7) / 8;
+  const __m256 t = _mm256_set1_ps(thr);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t k = 8 * g;
+    __m256 v;
+    if (k + 8 <= count) {
+      v = _mm256_loadu_ps(reinterpret_cast<const float*>(keys + k));
+    } else {  // the last keys: no read past them
+      alignas(32) uint32_t rest[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      std::copy(keys + k, keys + count, rest);
+      v = _mm256_load_ps(reinterpret_cast<const float*>(rest));
+    }
+    packed[g] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, t, _CMP_LT_OQ)));
+  }
+  std::fill(packed + groups, packed + sizeof decisions, uint8_t{0});
+  const uint64_t low_fill = low_masked ? ~uint64_t{0} : 0;
+  int64_t at = 0;  // bits of `decisions` consumed
+  int64_t total = 0;
+  for (int64_t word = 0; word * 64 < len; ++word) {
+    uint64_t l, m;
+    std::memcpy(&l, low + 8 * word, 8);
+    std::memcpy(&m, mid + 8 * word, 8);
+    const int64_t w = at >> 6, shift = at & 63;
+    uint64_t next = decisions[w] >> shift;
+    if (shift != 0) next |= decisions[w + 1] << (64 - shift);
+    at += _mm_popcnt_u64(m);
+    words[word] = (l & low_fill) | _pdep_u64(next, m);  // (past the chunk's end: zero planes, zero bits)
+    total += _mm_popcnt_u64(words[word]);
+  }
+  return total;
+}
+
+// For every 8-bit mask, its bits as eight all-ones/all-zeros 32-bit lanes.
+struct LaneTable {
+  alignas(32) uint32_t lanes[256][8];
+  LaneTable() {
+    for (int mask = 0; mask < 256; ++mask)
+      for (int lane = 0; lane < 8; ++lane) lanes[mask][lane] = (mask >> lane & 1) ? ~0u : 0u;
+  }
+};
+const LaneTable g_lane_table;
+
+// Eight elements' bits to eight bytes at a time: pdep with 0x0101...01.
+__attribute__((target("bmi2"))) void bytes_of_words_bmi2(const uint64_t* words, int64_t len, uint8_t* bytes) {
+  const auto* bits = reinterpret_cast<const uint8_t*>(words);  // byte b: elements 8b .. 8b + 7
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    const uint64_t spread = _pdep_u64(bits[j / 8], 0x0101010101010101ull);
+    std::memcpy(bytes + j, &spread, 8);
+  }
+  for (; j < len; ++j) bytes[j] = static_cast<uint8_t>((words[j >> 6] >> (j & 63)) & 1);
+}
+
+__attribute__((target("avx2"))) void zero_f32_avx2(float* update, const uint64_t* words, int64_t len) {
+  const auto* bytes = reinterpret_cast<const uint8_t*>(words);  // byte b: elements 8b .. 8b + 7
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    const __m256 lanes = _mm256_load_ps(reinterpret_cast<const float*>(g_lane_table.lanes[bytes[j / 8]]));
+    _mm256_storeu_ps(update + j, _mm256_andnot_ps(lanes, _mm256_loadu_ps(update + j)));
+  }
+  for (; j < len; ++j) update[j] = (words[j >> 6] >> (j & 63)) & 1 ? 0.0f : update[j];
+}
+#endif
 
 // --- scheduling -------------------------------------------------------------------------------------
 
@@ -628,8 +801,9 @@ void dispatch_float(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
-Selection select_one(const SelectInput& in, Weights w, double p, bool split) {
+Selection select_one(const SelectInput& in, Weights w, double p, bool split, Classes* keep) {
   Selection r;
+  if (keep != nullptr) keep->valid = false;
   if (in.n == 0) return r;
   dispatch_float(in.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -639,9 +813,9 @@ Selection select_one(const SelectInput& in, Weights w, double p, bool split) {
       r = radix_serial(nat, adv, in.n, w, p, Path::kDirect);
     } else if (split) {
       const std::lock_guard<std::mutex> guard(g_split_lock);
-      r = bracket_split(nat, adv, in.n, w, p);
+      r = bracket_split(nat, adv, in.n, w, p, keep);
     } else {
-      r = bracket_serial(nat, adv, in.n, w, p);
+      r = bracket_serial(nat, adv, in.n, w, p, keep);
     }
   });
   count_path(r.path);
@@ -651,8 +825,10 @@ Selection select_one(const SelectInput& in, Weights w, double p, bool split) {
 }  // namespace
 
 std::vector<Selection> select_thresholds(const std::vector<SelectInput>& inputs, Weights w, double p,
-                                         const AfterSelect& after) {
+                                         const AfterSelect& after, std::vector<Classes>* classes) {
   const int64_t count = static_cast<int64_t>(inputs.size());
+  if (classes != nullptr) classes->resize(count);
+  auto keep_of = [&](int64_t i) { return classes != nullptr ? &(*classes)[i] : nullptr; };
   int64_t total = 0;
   for (const SelectInput& in : inputs) total += in.n;
   const int threads = omp_get_max_threads();
@@ -664,7 +840,7 @@ std::vector<Selection> select_thresholds(const std::vector<SelectInput>& inputs,
     (big ? split : serial).push_back(i);
   }
   for (const int64_t i : split) {
-    results[i] = select_one(inputs[i], w, p, true);
+    results[i] = select_one(inputs[i], w, p, true, keep_of(i));
     if (after) after(i, results[i], true);
   }
   // Largest first: the greedy hand-out then balances the threads to within one small tensor.
@@ -673,10 +849,82 @@ std::vector<Selection> select_thresholds(const std::vector<SelectInput>& inputs,
 #pragma omp parallel for schedule(dynamic, 1) if (n_serial > 1)
   for (int64_t j = 0; j < n_serial; ++j) {
     const int64_t i = serial[j];
-    results[i] = select_one(inputs[i], w, p, false);
+    results[i] = select_one(inputs[i], w, p, false, keep_of(i));
     if (after) after(i, results[i], false);
   }
   return results;
+}
+
+int64_t masked_words(const Classes& c, int64_t begin, int64_t end, float thr, uint64_t* words) {
+  const int64_t s = begin / c.slice_len, offset = begin - s * c.slice_len;
+  const Classes::Slice& slice = c.slices[s];
+  const int64_t chunk = offset / kApplyChunk;
+  TORCH_INTERNAL_ASSERT(offset % kApplyChunk == 0 && end - begin <= kApplyChunk, "not an apply chunk: [", begin,
+                        ", ", end, ")");
+  const uint8_t* low = slice.low.data() + offset / 8;
+  const uint8_t* mid = slice.mid.data() + offset / 8;
+  const uint32_t* keys = slice.keys.data() + slice.chunk_key[chunk];
+  const int64_t count = slice.chunk_key[chunk + 1] - slice.chunk_key[chunk];
+  const bool low_masked = float_of(c.lo) < thr;
+#ifdef CURE_X86_AVX2
+  if (g_has_bmi2) return masked_words_bmi2(low, mid, keys, count, end - begin, low_masked, thr, words);
+#endif
+  return masked_words_generic(low, mid, keys, end - begin, low_masked, thr, words);
+}
+
+void bytes_of_words(const uint64_t* words, int64_t len, uint8_t* bytes) {
+#ifdef CURE_X86_AVX2
+  if (g_has_bmi2) return bytes_of_words_bmi2(words, len, bytes);
+#endif
+  for (int64_t j = 0; j < len; ++j) bytes[j] = static_cast<uint8_t>((words[j >> 6] >> (j & 63)) & 1);
+}
+
+void zero_masked_f32(float* update, const uint64_t* words, int64_t len) {
+#ifdef CURE_X86_AVX2
+  if (g_has_avx2) return zero_f32_avx2(update, words, len);
+#endif
+  for (int64_t j = 0; j < len; ++j) update[j] = (words[j >> 6] >> (j & 63)) & 1 ? 0.0f : update[j];
+}
+
+uint64_t* chunk_mask_words() {
+  thread_local std::vector<uint64_t> buffer(kApplyChunk / 64);
+  return buffer.data();
+}
+
+uint8_t* chunk_mask_buffer() {
+  thread_local std::vector<uint8_t> buffer(kApplyChunk);
+  return buffer.data();
+}
+
+namespace {
+std::array<std::atomic<int64_t>, 2> g_apply_counters{};  // [from the classes, from the scores]
+std::mutex g_pool_lock;
+std::vector<std::unique_ptr<std::vector<Classes>>> g_pool;  // idle leases
+}  // namespace
+
+void count_apply(bool by_classes) { g_apply_counters[by_classes ? 0 : 1].fetch_add(1, std::memory_order_relaxed); }
+
+ClassesLease::ClassesLease() {
+  const std::lock_guard<std::mutex> guard(g_pool_lock);
+  if (g_pool.empty()) {
+    held_ = std::make_unique<std::vector<Classes>>();
+  } else {
+    held_ = std::move(g_pool.back());
+    g_pool.pop_back();
+  }
+}
+
+ClassesLease::~ClassesLease() {
+  const std::lock_guard<std::mutex> guard(g_pool_lock);
+  g_pool.push_back(std::move(held_));
+}
+
+at::Tensor apply_counters_cpu(bool reset) {
+  auto out = at::empty({static_cast<int64_t>(g_apply_counters.size())}, at::TensorOptions().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  for (size_t i = 0; i < g_apply_counters.size(); ++i)
+    o[i] = reset ? g_apply_counters[i].exchange(0) : g_apply_counters[i].load();
+  return out;
 }
 
 // Tensors selected so far by each path: [empty, direct, bracket, fallback, nonfinite]. With reset,
@@ -712,8 +960,12 @@ TORCH_LIBRARY_FRAGMENT(cure, m) {
   // Counts of tensors selected by each path of the CPU kernels since the last reset:
   // int64[5] = [empty, direct (small tensors), bracket hit, bracket miss (radix fallback), NaN score].
   m.def("cpu_selection_counters(bool reset=False) -> Tensor");
+  // Apply passes of the CPU kernels that compared scores with a threshold, since the last reset:
+  // int64[2] = [decided from the bracket pass's classes, by recomputing the scores].
+  m.def("cpu_apply_counters(bool reset=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cure, CompositeExplicitAutograd, m) {
   m.impl("cpu_selection_counters", &cure::cpu::selection_counters_cpu);
+  m.impl("cpu_apply_counters", &cure::cpu::apply_counters_cpu);
 }

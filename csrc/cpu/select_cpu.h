@@ -17,7 +17,9 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace cure {
@@ -70,6 +72,92 @@ struct Selection {
   Path path = Path::kEmpty;
 };
 
+// Elements per chunk of the apply passes. Slices of a tensor split over the threads start at multiples
+// of it, so a chunk never straddles two slices.
+constexpr int64_t kApplyChunk = int64_t{1} << 15;
+
+// Thread t's slice [begin, end) of a tensor of n elements split over `threads` threads: the selection
+// and the apply passes cut a split tensor alike, so each thread re-reads what it read.
+inline int64_t slice_length(int64_t n, int64_t threads) {
+  const int64_t fair = (n + threads - 1) / threads;
+  return std::max<int64_t>(kApplyChunk, (fair + kApplyChunk - 1) / kApplyChunk * kApplyChunk);
+}
+
+inline std::pair<int64_t, int64_t> slice_of(int64_t n, int64_t threads, int64_t t) {
+  const int64_t per = slice_length(n, threads);
+  const int64_t begin = std::min(n, t * per);
+  return {begin, std::min(n, begin + per)};
+}
+
+// What the bracket pass learned about every element of a tensor, kept so that the apply pass decides
+// s < thr without reading g_nat and g_adv again. With the bracket keys lo <= hi, each element is
+//   low     key <= lo        masked iff thr > lo (or, where no key is below lo, iff lo < thr: never)
+//   mid     lo < key <= hi   its key is kept, in element order: masked iff key < thr
+//   high    key > hi         kept (thr <= hi)
+// which decides every element whenever lo <= thr <= hi and (thr > lo or no key is < lo): a bracket hit
+// gives thr between the order statistics k and k+1, both in [lo, hi]; decides() checks it anyway, and
+// the apply pass recomputes the scores where it fails. Per slice of the tensor (one slice unless the
+// tensor was split over the threads): two bit planes (bit j of byte b is element 8b + j of the slice;
+// zero past its end, padded to whole 64-bit words) and the mid keys, with the index of the first mid key
+// of every kApplyChunk-chunk. 1/4 byte per element plus 4 bytes per mid element (about 3.6 % of them).
+struct Classes {
+  struct Slice {
+    std::vector<uint8_t> low, mid;
+    std::vector<uint32_t> keys;
+    std::vector<int64_t> chunk_key;  // chunk c's first mid key is keys[chunk_key[c]]; one entry past the last
+  };
+  bool valid = false;  // set by a bracket hit only
+  uint32_t lo = 0, hi = 0;
+  bool any_below = false;  // some key < lo
+  int64_t slice_len = 0;   // elements per slice (the last may be shorter): slice s starts at s * slice_len
+  std::vector<Slice> slices;
+};
+
+// Whether the classes decide s < thr for every element (see Classes).
+inline bool decides(const Classes& c, float thr) {
+  if (!c.valid || !(thr >= 0.0f)) return false;  // NaN (masks nothing anyway) or -0
+  uint32_t t;
+  std::memcpy(&t, &thr, sizeof t);
+  return t >= c.lo && t <= c.hi && (t > c.lo || !c.any_below);
+}
+
+// Bit j of words[w] = 1 where element begin + 64w + j of the tensor has s < thr, else 0, for one apply
+// chunk [begin, end) (begin a multiple of kApplyChunk from its slice's start; bits past end are 0);
+// decides(c, thr) must hold. Returns the number of elements masked.
+int64_t masked_words(const Classes& c, int64_t begin, int64_t end, float thr, uint64_t* words);
+
+// A buffer of kApplyChunk / 64 words for masked_words, one per thread.
+uint64_t* chunk_mask_words();
+
+// bytes[j] = bit j of words, for j < len (for the apply loops of every dtype).
+void bytes_of_words(const uint64_t* words, int64_t len, uint8_t* bytes);
+
+// update[j] = 0 where bit j of words is set, j < len (AVX2: eight elements per table lookup).
+void zero_masked_f32(float* update, const uint64_t* words, int64_t len);
+
+// A buffer of kApplyChunk bytes for bytes_of_words, one per thread.
+uint8_t* chunk_mask_buffer();
+
+// Counts the apply pass of one tensor that compares scores with its threshold: from the classes
+// (by_classes) or by recomputing the scores. Read by cure::cpu_apply_counters (tests, benchmarks).
+void count_apply(bool by_classes);
+
+// The classes of one op call's tensors, borrowed from a pool: their buffers are reused from call to
+// call (no page faults on every step) and never shared by two calls at once.
+class ClassesLease {
+ public:
+  ClassesLease();
+  ~ClassesLease();
+  ClassesLease(const ClassesLease&) = delete;
+  ClassesLease& operator=(const ClassesLease&) = delete;
+  std::vector<Classes>& operator*() { return *held_; }
+  std::vector<Classes>* operator->() { return held_.get(); }
+  std::vector<Classes>* get() { return held_.get(); }
+
+ private:
+  std::unique_ptr<std::vector<Classes>> held_;
+};
+
 // Called once per tensor right after its selection: on the thread that selected it (split = false), or,
 // for a tensor that was split over all threads, outside any parallel region (split = true, so the
 // callback may start its own). Running the apply pass of a tensor here re-reads its gradients while
@@ -77,9 +165,11 @@ struct Selection {
 using AfterSelect = std::function<void(int64_t index, const Selection& selection, bool split)>;
 
 // Thresholds and non-finite counts of every tensor, exact. Tensors are handed to the OpenMP threads
-// largest first; a tensor larger than its fair share is split over all threads.
+// largest first; a tensor larger than its fair share is split over all threads. With `classes`, it is
+// resized to one entry per tensor and a bracket hit keeps the tensor's classes there (valid until the
+// next call with the same vector); other tensors get valid = false.
 std::vector<Selection> select_thresholds(const std::vector<SelectInput>& inputs, Weights w, double p,
-                                         const AfterSelect& after = nullptr);
+                                         const AfterSelect& after = nullptr, std::vector<Classes>* classes = nullptr);
 
 // A range of one tensor's elements for the apply passes, which run over all tensors' chunks in one
 // parallel loop (every chunk is independent once the thresholds are known).
@@ -89,40 +179,42 @@ struct Chunk {
 
 // The chunks of every tensor in about the reverse of the order select_thresholds read them (it hands
 // out tensors largest first, each front to back): smallest tensor first, each one's chunks last to
-// first, so the pass starts with what is still in the cache.
-inline std::vector<Chunk> chunks_of(const std::vector<int64_t>& sizes, int64_t chunk) {
+// first, so the pass starts with what is still in the cache. Chunks start at multiples of kApplyChunk.
+inline std::vector<Chunk> chunks_of(const std::vector<int64_t>& sizes) {
   std::vector<int64_t> order(sizes.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return sizes[a] < sizes[b]; });
   std::vector<Chunk> out;
-  for (const int64_t i : order)
-    for (int64_t stop = sizes[i]; stop > 0; stop -= chunk) out.push_back({i, std::max<int64_t>(0, stop - chunk), stop});
+  for (const int64_t i : order) {
+    if (sizes[i] == 0) continue;
+    for (int64_t start = (sizes[i] - 1) / kApplyChunk * kApplyChunk; start >= 0; start -= kApplyChunk)
+      out.push_back({i, start, std::min(sizes[i], start + kApplyChunk)});
+  }
   return out;
 }
 
-// The apply pass of one tensor right after its selection, over [0, n) in chunks of `chunk` elements,
-// last chunk first: the selection read the tensor front to back, so its end is the likeliest part to be
-// still in the cache (ResNet-18 shapes, 2 threads: the fused step about 10 % faster than front to back; the
-// mask alone the same on an idle machine and faster when another process competes for the cache).
-// Returns the sum of fn(begin, end) over the chunks.
+// The apply pass of one tensor (or slice) [begin, end) right after its selection, in chunks of
+// kApplyChunk elements from begin, last chunk first: the selection read the tensor front to back, so its
+// end is the likeliest part to be still in the cache (ResNet-18 shapes, 2 threads: the fused step about
+// 10 % faster than front to back; the mask alone the same on an idle machine and faster when another
+// process competes for the cache). Returns the sum of fn(begin, end) over the chunks.
 template <typename Fn>
-int64_t apply_backwards(int64_t begin, int64_t end, int64_t chunk, Fn&& fn) {
+int64_t apply_backwards(int64_t begin, int64_t end, Fn&& fn) {
   int64_t total = 0;
-  for (int64_t stop = end; stop > begin; stop -= chunk) total += fn(std::max(begin, stop - chunk), stop);
+  if (end <= begin) return total;
+  for (int64_t start = begin + (end - begin - 1) / kApplyChunk * kApplyChunk; start >= begin; start -= kApplyChunk)
+    total += fn(start, std::min(end, start + kApplyChunk));
   return total;
 }
 
-// The same for a tensor whose selection was split over the threads: each thread takes back the slice
-// it read (contiguous slices of ceil(n / threads) elements, as the split selection cuts them).
+// The same for a tensor whose selection was split over the threads: each thread takes back its slice.
 template <typename Fn>
-int64_t apply_backwards_split(int64_t n, int64_t chunk, Fn&& fn) {
+int64_t apply_backwards_split(int64_t n, Fn&& fn) {
   int64_t total = 0;
 #pragma omp parallel reduction(+ : total)
   {
-    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-    const int64_t per = (n + threads - 1) / threads;
-    const int64_t begin = std::min(n, t * per);
-    total += apply_backwards(begin, std::min(n, begin + per), chunk, fn);
+    const auto [begin, end] = slice_of(n, omp_get_num_threads(), omp_get_thread_num());
+    total += apply_backwards(begin, end, fn);
   }
   return total;
 }

@@ -3,13 +3,15 @@
 // revision EMA (paper Eq. 7), bit for bit equal to cure_kernels.sgd_step.rgp_sgd_step_reference.
 //
 // select_cpu.cpp finds every tensor's threshold and non-finite count exactly (large tensors: one read
-// of g_nat and g_adv, the sampling bracket; docs/selection.md). The apply pass of a tensor reads g (and
-// g_nat, g_adv to recompute the score, unless the threshold masks nothing), param, buf (and rev) once
-// and writes the masked g, param, buf (and rev). Without skip it runs right after the tensor's
-// selection (its gradients still in the cache). With skip, the decision (skip nonzero, or any score of
-// the call not finite) needs every tensor's non-finite count, so no parameter is written before every
-// tensor is selected; then one apply pass runs over all tensors' chunks in parallel. With thresholds and
-// nonfinite given (from cure::rgp_select), there is no selection: that apply pass runs at once.
+// of g_nat and g_adv, the sampling bracket; docs/selection.md). The apply pass of a tensor reads g,
+// param, buf (and rev) once and writes the masked g, param, buf (and rev); it decides s < thr from the
+// classes the bracket pass kept (select_cpu.h, Classes) or, for any other tensor, reads g_nat and g_adv
+// again to recompute the score (not at all where the threshold masks nothing). Without skip it runs
+// right after the tensor's selection (what it reads still in the cache). With skip, the decision (skip
+// nonzero, or any score of the call not finite) needs every tensor's non-finite count, so no parameter
+// is written before every tensor is selected; then one apply pass runs over all tensors' chunks in
+// parallel. With thresholds and nonfinite given (from cure::rgp_select), there is no selection and no
+// classes: that apply pass runs at once, recomputing the scores.
 //
 // Per element, in float32 with every product and sum rounded separately (-ffp-contract=off), values
 // upcast exactly from bfloat16/float16 and stored round-to-nearest-even:
@@ -34,8 +36,6 @@ namespace {
 
 using cpu::Weights;
 
-constexpr int64_t kChunk = 1 << 15;  // elements per chunk of the apply pass
-
 struct Entry {
   at::Tensor param, grad, nat, adv, buf, rev;  // contiguous (copies where the caller's were not); rev may be undefined
   int64_t n;
@@ -46,10 +46,15 @@ struct Hyper {
   float lr, momentum, weight_decay, decay, keep;  // each rounded to float32; keep = f32(1 - decay)
 };
 
-// One chunk of one tensor. MASK: compare scores with thr (false when thr masks nothing); FREEZE: mask
-// mode "update"; STEP: the SGD update is applied (not skipped); REVISE: the revision EMA runs.
-template <typename T, bool MASK, bool FREEZE, bool STEP, bool REVISE>
-inline __attribute__((always_inline)) int64_t apply_range(const Entry& e, int64_t begin, int64_t end, const Hyper& h, float thr) {
+// Where an apply pass takes s < thr from: nowhere (thr masks nothing), the recomputed scores, or one
+// byte per element from the bracket's classes (cpu::masked_words, cpu::bytes_of_words).
+enum Mask : int { kNoMask = 0, kScores = 1, kBytes = 2 };
+
+// One chunk of one tensor. MASK: see Mask; FREEZE: mask mode "update"; STEP: the SGD update is applied
+// (not skipped); REVISE: the revision EMA runs.
+template <typename T, int MASK, bool FREEZE, bool STEP, bool REVISE>
+inline __attribute__((always_inline)) int64_t apply_range(const Entry& e, int64_t begin, int64_t end, const Hyper& h,
+                                                          float thr, const uint8_t* mask_bytes) {
   T* grad = e.grad.data_ptr<T>() + begin;
   T* param = e.param.data_ptr<T>() + begin;
   T* buf = e.buf.data_ptr<T>() + begin;
@@ -62,7 +67,8 @@ inline __attribute__((always_inline)) int64_t apply_range(const Entry& e, int64_
   // element's score is read before its masked value is written), so the loop vectorises as written.
 #pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
-    const bool masked = MASK && cpu::score(nat[i], adv[i], h.w) < thr;
+    const bool masked = MASK == kScores ? cpu::score(nat[i], adv[i], h.w) < thr
+                                        : (MASK == kBytes && mask_bytes[i] != 0);
     const T g_in = grad[i];
     const T g_out = masked ? T(0) : g_in;
     if (MASK) grad[i] = g_out;
@@ -89,43 +95,57 @@ inline __attribute__((always_inline)) int64_t apply_range(const Entry& e, int64_
   return kept;
 }
 
-template <bool MASK, bool FREEZE, bool STEP, bool REVISE>
-CURE_TARGET_AVX2 int64_t apply_range_avx2(const Entry& e, int64_t begin, int64_t end, const Hyper& h, float thr) {
-  return apply_range<float, MASK, FREEZE, STEP, REVISE>(e, begin, end, h, thr);
+template <int MASK, bool FREEZE, bool STEP, bool REVISE>
+CURE_TARGET_AVX2 int64_t apply_range_avx2(const Entry& e, int64_t begin, int64_t end, const Hyper& h, float thr,
+                                         const uint8_t* mask_bytes) {
+  return apply_range<float, MASK, FREEZE, STEP, REVISE>(e, begin, end, h, thr, mask_bytes);
 }
 
-template <typename T, bool MASK, bool FREEZE, bool STEP, bool REVISE>
-int64_t apply_dispatch(const Entry& e, int64_t begin, int64_t end, const Hyper& h, float thr) {
+template <typename T, int MASK, bool FREEZE, bool STEP, bool REVISE>
+int64_t apply_dispatch(const Entry& e, int64_t begin, int64_t end, const Hyper& h, float thr,
+                       const uint8_t* mask_bytes) {
   if constexpr (std::is_same_v<T, float>) {
-    if (cpu::has_avx2()) return apply_range_avx2<MASK, FREEZE, STEP, REVISE>(e, begin, end, h, thr);
+    if (cpu::has_avx2()) return apply_range_avx2<MASK, FREEZE, STEP, REVISE>(e, begin, end, h, thr, mask_bytes);
   }
-  return apply_range<T, MASK, FREEZE, STEP, REVISE>(e, begin, end, h, thr);
+  return apply_range<T, MASK, FREEZE, STEP, REVISE>(e, begin, end, h, thr, mask_bytes);
 }
 
 template <typename T>
 int64_t apply_chunk(const Entry& e, int64_t begin, int64_t end, const Hyper& h, float thr, bool freeze, bool step,
-                    bool revise) {
-  const bool mask = cpu::masks_anything(thr);
+                    bool revise, const uint8_t* mask_bytes) {
+  const int mask = !cpu::masks_anything(thr) ? kNoMask : mask_bytes != nullptr ? kBytes : kScores;
   // Every combination of the four switches, each as its own loop.
-  const int sel = (mask ? 8 : 0) | (freeze ? 4 : 0) | (step ? 2 : 0) | (revise ? 1 : 0);
+  const int sel = mask * 8 | (freeze ? 4 : 0) | (step ? 2 : 0) | (revise ? 1 : 0);
   switch (sel) {
 #define CURE_APPLY_CASE(S) \
-  case S: return apply_dispatch<T, ((S) & 8) != 0, ((S) & 4) != 0, ((S) & 2) != 0, ((S) & 1) != 0>(e, begin, end, h, thr);
+  case S:                  \
+    return apply_dispatch<T, (S) / 8, ((S) & 4) != 0, ((S) & 2) != 0, ((S) & 1) != 0>(e, begin, end, h, thr, mask_bytes);
     CURE_APPLY_CASE(0) CURE_APPLY_CASE(1) CURE_APPLY_CASE(2) CURE_APPLY_CASE(3)
     CURE_APPLY_CASE(4) CURE_APPLY_CASE(5) CURE_APPLY_CASE(6) CURE_APPLY_CASE(7)
     CURE_APPLY_CASE(8) CURE_APPLY_CASE(9) CURE_APPLY_CASE(10) CURE_APPLY_CASE(11)
     CURE_APPLY_CASE(12) CURE_APPLY_CASE(13) CURE_APPLY_CASE(14) CURE_APPLY_CASE(15)
+    CURE_APPLY_CASE(16) CURE_APPLY_CASE(17) CURE_APPLY_CASE(18) CURE_APPLY_CASE(19)
+    CURE_APPLY_CASE(20) CURE_APPLY_CASE(21) CURE_APPLY_CASE(22) CURE_APPLY_CASE(23)
 #undef CURE_APPLY_CASE
   }
   TORCH_INTERNAL_ASSERT(false, "unreachable");
 }
 
-int64_t apply_entry_chunk(const Entry& e, int64_t begin, int64_t end, const Hyper& h, float thr, bool freeze,
-                          bool step, bool revise) {
+// One apply chunk [begin, end) of a tensor. With classes that decide its threshold (cpu::decides), s < thr
+// comes from them; otherwise from the recomputed scores.
+int64_t apply_entry_chunk(const Entry& e, const cpu::Classes* classes, int64_t begin, int64_t end, const Hyper& h,
+                          float thr, bool freeze, bool step, bool revise) {
+  uint8_t* mask_bytes = nullptr;
+  if (classes != nullptr && cpu::masks_anything(thr)) {
+    uint64_t* words = cpu::chunk_mask_words();
+    cpu::masked_words(*classes, begin, end, thr, words);
+    mask_bytes = cpu::chunk_mask_buffer();
+    cpu::bytes_of_words(words, end - begin, mask_bytes);
+  }
   switch (e.param.scalar_type()) {
-    case at::kFloat: return apply_chunk<float>(e, begin, end, h, thr, freeze, step, revise);
-    case at::kBFloat16: return apply_chunk<c10::BFloat16>(e, begin, end, h, thr, freeze, step, revise);
-    case at::kHalf: return apply_chunk<c10::Half>(e, begin, end, h, thr, freeze, step, revise);
+    case at::kFloat: return apply_chunk<float>(e, begin, end, h, thr, freeze, step, revise, mask_bytes);
+    case at::kBFloat16: return apply_chunk<c10::BFloat16>(e, begin, end, h, thr, freeze, step, revise, mask_bytes);
+    case at::kHalf: return apply_chunk<c10::Half>(e, begin, end, h, thr, freeze, step, revise, mask_bytes);
     default:
       TORCH_CHECK(false, "cure::rgp_sgd_step: unsupported dtype ", e.param.scalar_type(),
                   "; use float32, bfloat16 or float16");
@@ -223,6 +243,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_sgd_step_cpu(
   const Hyper h{w, static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(weight_decay),
                 static_cast<float>(decay), static_cast<float>(1.0 - decay)};
   std::vector<int64_t> kept_count(count, 0);
+  cpu::ClassesLease classes;  // filled by the selection below (none with given thresholds)
+  // Tensor i's classes where they decide its threshold (counting which way each masking tensor goes).
+  auto classes_for = [&](int64_t i, float thr) -> const cpu::Classes* {
+    if (!cpu::masks_anything(thr)) return nullptr;
+    const bool by_classes = i < static_cast<int64_t>(classes->size()) && cpu::decides((*classes)[i], thr);
+    cpu::count_apply(by_classes);
+    return by_classes ? &(*classes)[i] : nullptr;
+  };
   // The apply pass of tensor i over all of it (parallel when the tensor was split over the threads).
   auto apply_tensor = [&](int64_t i, float thr, bool step, bool parallel) {
     const Entry& e = entries[i];
@@ -230,10 +258,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_sgd_step_cpu(
       kept_count[i] = e.n;
       return;
     }
+    const cpu::Classes* c = classes_for(i, thr);
     const auto chunk = [&](int64_t begin, int64_t end) {
-      return apply_entry_chunk(e, begin, end, h, thr, freeze, step, revise);
+      return apply_entry_chunk(e, c, begin, end, h, thr, freeze, step, revise);
     };
-    kept_count[i] = parallel ? cpu::apply_backwards_split(e.n, kChunk, chunk) : cpu::apply_backwards(0, e.n, kChunk, chunk);
+    kept_count[i] = parallel ? cpu::apply_backwards_split(e.n, chunk) : cpu::apply_backwards(0, e.n, chunk);
   };
 
   std::vector<cpu::Selection> sel;
@@ -249,13 +278,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_sgd_step_cpu(
   } else if (!skip.has_value()) {
     // No skip decision to wait for: each tensor is updated right after its selection, while its
     // gradients are still in the cache.
-    sel = cpu::select_thresholds(inputs, w, p, [&](int64_t i, const cpu::Selection& s, bool split) {
-      apply_tensor(i, s.threshold, true, split);
-    });
+    sel = cpu::select_thresholds(
+        inputs, w, p, [&](int64_t i, const cpu::Selection& s, bool split) { apply_tensor(i, s.threshold, true, split); },
+        classes.get());
   } else {
     // Phase 1: every threshold, before anything is written (the skip decision needs every tensor's
     // non-finite count).
-    sel = cpu::select_thresholds(inputs, w, p);
+    sel = cpu::select_thresholds(inputs, w, p, nullptr, classes.get());
   }
   if (given || skip.has_value()) {
     // Phase 2: the apply pass over all tensors' chunks in parallel.
@@ -263,16 +292,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_sgd_step_cpu(
     for (const cpu::Selection& s : sel) nonfinite_total += s.nonfinite;
     const bool step = !(skip.has_value() && (skip_flag || nonfinite_total > 0));
     std::vector<int64_t> sizes(count, 0);
-    for (int64_t i = 0; i < count; ++i)
+    std::vector<const cpu::Classes*> decided(count, nullptr);
+    for (int64_t i = 0; i < count; ++i) {
       if (step || revise || cpu::masks_anything(sel[i].threshold)) sizes[i] = entries[i].n;
-    const std::vector<cpu::Chunk> chunks = cpu::chunks_of(sizes, kChunk);
+      if (sizes[i] > 0) decided[i] = classes_for(i, sel[i].threshold);
+    }
+    const std::vector<cpu::Chunk> chunks = cpu::chunks_of(sizes);
     const int64_t n_chunks = static_cast<int64_t>(chunks.size());
     std::vector<int64_t> chunk_kept(n_chunks);
 #pragma omp parallel for schedule(dynamic, 1) if (n_chunks > 1)
     for (int64_t c = 0; c < n_chunks; ++c) {
       const cpu::Chunk& ch = chunks[c];
-      chunk_kept[c] = apply_entry_chunk(entries[ch.tensor], ch.begin, ch.end, h, sel[ch.tensor].threshold, freeze,
-                                        step, revise);
+      chunk_kept[c] = apply_entry_chunk(entries[ch.tensor], decided[ch.tensor], ch.begin, ch.end, h,
+                                        sel[ch.tensor].threshold, freeze, step, revise);
     }
     for (int64_t i = 0; i < count; ++i) kept_count[i] = entries[i].n - sizes[i];  // no chunks: all kept
     for (int64_t c = 0; c < n_chunks; ++c) kept_count[chunks[c].tensor] += chunk_kept[c];
