@@ -9,7 +9,9 @@
 //           statistics at ranks r_lo, r_hi (about 5 standard deviations either side of ranks k and
 //           k+1) become the bracket keys lo <= hi.
 //   pass    one pass over the gradients counts the keys < lo, == lo, inf/NaN, and compacts the keys
-//           in (lo, hi] into a candidate buffer of n/16 entries (overflow: miss).
+//           in (lo, hi] into a candidate buffer of n/16 entries (overflow: miss); for the mask and the
+//           fused step it also writes each element's class (Classes in select_cpu.h), from which
+//           masked_words decides s < thr in the apply pass without the gradients.
 //   resolve each of ranks k, k+1 is lo (inside the run of keys equal to lo) or a candidate
 //           (nth_element among the candidates); a rank below or above the bracket is a miss.
 //   miss    the radix path below, on the same tensor: exact whatever the data.

@@ -77,7 +77,8 @@ struct Selection {
 constexpr int64_t kApplyChunk = int64_t{1} << 15;
 
 // Thread t's slice [begin, end) of a tensor of n elements split over `threads` threads: the selection
-// and the apply passes cut a split tensor alike, so each thread re-reads what it read.
+// and the apply passes cut a split tensor alike, so each thread applies the slice it selected (and kept
+// the classes of).
 inline int64_t slice_length(int64_t n, int64_t threads) {
   const int64_t fair = (n + threads - 1) / threads;
   return std::max<int64_t>(kApplyChunk, (fair + kApplyChunk - 1) / kApplyChunk * kApplyChunk);
@@ -160,8 +161,8 @@ class ClassesLease {
 
 // Called once per tensor right after its selection: on the thread that selected it (split = false), or,
 // for a tensor that was split over all threads, outside any parallel region (split = true, so the
-// callback may start its own). Running the apply pass of a tensor here re-reads its gradients while
-// they are still in the last-level cache.
+// callback may start its own). Running the apply pass of a tensor here reads its classes (or, off the
+// bracket, its gradients again) while they are still in the cache.
 using AfterSelect = std::function<void(int64_t index, const Selection& selection, bool split)>;
 
 // Thresholds and non-finite counts of every tensor, exact. Tensors are handed to the OpenMP threads
