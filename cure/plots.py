@@ -153,6 +153,13 @@ def _title(runs: list[Run]) -> str:
     return f"{len(runs)} runs on {', '.join(kinds)}: " + ", ".join(r.method.upper() for r in runs)
 
 
+def _title_and_layout(fig, title: str) -> None:
+    """The figure's title, and a tight layout of its panels below it (tight_layout alone ignores the title,
+    which then overlaps the top panels' titles): the top half inch stays free, whatever the figure's height."""
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.5 / fig.get_figheight()))
+
+
 def _plot_curves(runs: list[Run], out: Path) -> Path:
     plt = _pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
@@ -199,8 +206,7 @@ def _plot_curves(runs: list[Run], out: Path) -> Path:
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="grey")
-    fig.suptitle(_title(runs))
-    fig.tight_layout()
+    _title_and_layout(fig, _title(runs))
     path = out / "curves.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -224,8 +230,7 @@ def _plot_revision(run: Run, out: Path, stem: str) -> Path:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(f"{run.method.upper()} on {run.dataset} ({run.arch}): {run.name}, revision vs trained model")
-    fig.tight_layout()
+    _title_and_layout(fig, f"{run.method.upper()} on {run.dataset} ({run.arch}): {run.name}, revision vs trained model")
     path = out / f"revision_{stem}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -324,8 +329,7 @@ def _plot_layers(run: Run, out: Path, stem: str) -> Path | None:
     else:
         ax.set_axis_off()
         ax.set_title("update norm: not recorded")
-    fig.suptitle(f"{run.method.upper()} on {run.dataset} ({run.arch}): {run.name}, per-layer statistics")
-    fig.tight_layout()
+    _title_and_layout(fig, f"{run.method.upper()} on {run.dataset} ({run.arch}): {run.name}, per-layer statistics")
     path = out / f"layers_{stem}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
