@@ -44,10 +44,9 @@ inline __attribute__((always_inline)) int64_t mask_range(T* update, const T* nat
   return kept;
 }
 
-template <bool BYTES>
-CURE_TARGET_AVX2 int64_t mask_range_avx2(float* update, const float* nat, const float* adv, const uint8_t* masked,
-                                        int64_t n, Weights w, float thr) {
-  return mask_range<float, BYTES>(update, nat, adv, masked, n, w, thr);
+CURE_TARGET_AVX2 int64_t mask_range_avx2(float* update, const float* nat, const float* adv, int64_t n, Weights w,
+                                        float thr) {
+  return mask_range<float, false>(update, nat, adv, nullptr, n, w, thr);
 }
 
 template <typename T>
@@ -56,16 +55,14 @@ int64_t mask_typed(const Entry& e, int64_t begin, int64_t end, Weights w, float 
   const T* nat = e.nat.data_ptr<T>() + begin;
   const T* adv = e.adv.data_ptr<T>() + begin;
   const int64_t n = end - begin;
-  if constexpr (std::is_same_v<T, float>) {
-    if (cpu::has_avx2())
-      return masked != nullptr ? mask_range_avx2<true>(update, nat, adv, masked, n, w, thr)
-                               : mask_range_avx2<false>(update, nat, adv, masked, n, w, thr);
+  if constexpr (std::is_same_v<T, float>) {  // (float32 from the classes: cpu::mask_f32)
+    if (cpu::has_avx2() && masked == nullptr) return mask_range_avx2(update, nat, adv, n, w, thr);
   }
   return masked != nullptr ? mask_range<T, true>(update, nat, adv, masked, n, w, thr)
                            : mask_range<T, false>(update, nat, adv, masked, n, w, thr);
 }
 
-// One chunk [begin, end) of a tensor; masked: one byte per element (cpu::bytes_of_words), or nullptr to
+// One chunk [begin, end) of a tensor; masked: one byte per element (cpu::masked_bytes), or nullptr to
 // compare the recomputed scores with thr.
 int64_t mask_chunk(const Entry& e, int64_t begin, int64_t end, Weights w, float thr, const uint8_t* masked) {
   switch (e.update.scalar_type()) {
@@ -113,20 +110,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_mask_cpu(at::TensorList updat
       kept_count[i] = e.n;
       return;
     }
-    const cpu::Classes& c = (*classes)[i];
-    const bool by_classes = cpu::decides(c, s.threshold);
-    cpu::count_apply(by_classes);
+    const cpu::Classes* c = cpu::deciding_classes(*classes, i, s.threshold);
     const auto chunk = [&](int64_t begin, int64_t end) -> int64_t {
-      if (!by_classes) return mask_chunk(e, begin, end, w, s.threshold, nullptr);
-      uint64_t* words = cpu::chunk_mask_words();
-      const int64_t masked = cpu::masked_words(c, begin, end, s.threshold, words);
-      if (e.update.scalar_type() == at::kFloat) {  // straight from the bits
-        cpu::zero_masked_f32(e.update.data_ptr<float>() + begin, words, end - begin);
-        return end - begin - masked;
-      }
-      uint8_t* bytes = cpu::chunk_mask_buffer();
-      cpu::bytes_of_words(words, end - begin, bytes);
-      return mask_chunk(e, begin, end, w, s.threshold, bytes);
+      if (c == nullptr) return mask_chunk(e, begin, end, w, s.threshold, nullptr);
+      if (e.update.scalar_type() == at::kFloat)
+        return cpu::mask_f32(*c, begin, end, s.threshold, e.update.data_ptr<float>() + begin);
+      return mask_chunk(e, begin, end, w, s.threshold, cpu::masked_bytes(*c, begin, end, s.threshold));
     };
     kept_count[i] = split ? cpu::apply_backwards_split(e.n, chunk) : cpu::apply_backwards(0, e.n, chunk);
   };

@@ -857,6 +857,19 @@ std::vector<Selection> select_thresholds(const std::vector<SelectInput>& inputs,
   return results;
 }
 
+namespace {
+std::array<std::atomic<int64_t>, 2> g_apply_counters{};  // [from the classes, from the scores]
+std::mutex g_pool_lock;
+std::vector<std::unique_ptr<std::vector<Classes>>> g_pool;  // idle leases
+
+bool decides(const Classes& c, float thr) {
+  if (!c.valid || !(thr >= 0.0f)) return false;  // NaN (masks nothing anyway) or -0
+  const uint32_t t = key_of(thr);
+  return t >= c.lo && t <= c.hi && (t > c.lo || !c.any_below);
+}
+
+// Bit j of words[w] = 1 where element begin + 64w + j has s < thr, for one apply chunk (bits past end
+// are 0); decides(c, thr) holds. Returns the number of elements masked.
 int64_t masked_words(const Classes& c, int64_t begin, int64_t end, float thr, uint64_t* words) {
   const int64_t s = begin / c.slice_len, offset = begin - s * c.slice_len;
   const Classes::Slice& slice = c.slices[s];
@@ -874,37 +887,47 @@ int64_t masked_words(const Classes& c, int64_t begin, int64_t end, float thr, ui
   return masked_words_generic(low, mid, keys, end - begin, low_masked, thr, words);
 }
 
-void bytes_of_words(const uint64_t* words, int64_t len, uint8_t* bytes) {
-#ifdef CURE_X86_AVX2
-  if (g_has_bmi2) return bytes_of_words_bmi2(words, len, bytes);
-#endif
-  for (int64_t j = 0; j < len; ++j) bytes[j] = static_cast<uint8_t>((words[j >> 6] >> (j & 63)) & 1);
-}
-
-void zero_masked_f32(float* update, const uint64_t* words, int64_t len) {
-#ifdef CURE_X86_AVX2
-  if (g_has_avx2) return zero_f32_avx2(update, words, len);
-#endif
-  for (int64_t j = 0; j < len; ++j) update[j] = (words[j >> 6] >> (j & 63)) & 1 ? 0.0f : update[j];
-}
-
-uint64_t* chunk_mask_words() {
+uint64_t* chunk_words() {
   thread_local std::vector<uint64_t> buffer(kApplyChunk / 64);
   return buffer.data();
 }
 
-uint8_t* chunk_mask_buffer() {
-  thread_local std::vector<uint8_t> buffer(kApplyChunk);
-  return buffer.data();
-}
-
-namespace {
-std::array<std::atomic<int64_t>, 2> g_apply_counters{};  // [from the classes, from the scores]
-std::mutex g_pool_lock;
-std::vector<std::unique_ptr<std::vector<Classes>>> g_pool;  // idle leases
 }  // namespace
 
-void count_apply(bool by_classes) { g_apply_counters[by_classes ? 0 : 1].fetch_add(1, std::memory_order_relaxed); }
+const Classes* deciding_classes(const std::vector<Classes>& classes, int64_t i, float thr) {
+  const bool by_classes = i < static_cast<int64_t>(classes.size()) && decides(classes[i], thr);
+  g_apply_counters[by_classes ? 0 : 1].fetch_add(1, std::memory_order_relaxed);
+  return by_classes ? &classes[i] : nullptr;
+}
+
+const uint8_t* masked_bytes(const Classes& c, int64_t begin, int64_t end, float thr) {
+  uint64_t* words = chunk_words();
+  masked_words(c, begin, end, thr, words);
+  thread_local std::vector<uint8_t> bytes(kApplyChunk);
+  const int64_t len = end - begin;
+#ifdef CURE_X86_AVX2
+  if (g_has_bmi2) {
+    bytes_of_words_bmi2(words, len, bytes.data());
+    return bytes.data();
+  }
+#endif
+  for (int64_t j = 0; j < len; ++j) bytes[j] = static_cast<uint8_t>((words[j >> 6] >> (j & 63)) & 1);
+  return bytes.data();
+}
+
+int64_t mask_f32(const Classes& c, int64_t begin, int64_t end, float thr, float* update) {
+  uint64_t* words = chunk_words();
+  const int64_t len = end - begin, masked = masked_words(c, begin, end, thr, words);
+#ifdef CURE_X86_AVX2
+  if (g_has_avx2) {
+    zero_f32_avx2(update, words, len);
+    return len - masked;
+  }
+#endif
+  for (int64_t j = 0; j < len; ++j) update[j] = (words[j >> 6] >> (j & 63)) & 1 ? 0.0f : update[j];
+  return len - masked;
+}
+
 
 ClassesLease::ClassesLease() {
   const std::lock_guard<std::mutex> guard(g_pool_lock);

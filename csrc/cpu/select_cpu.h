@@ -96,7 +96,7 @@ inline std::pair<int64_t, int64_t> slice_of(int64_t n, int64_t threads, int64_t 
 //   mid     lo < key <= hi   its key is kept, in element order: masked iff key < thr
 //   high    key > hi         kept (thr <= hi)
 // which decides every element whenever lo <= thr <= hi and (thr > lo or no key is < lo): a bracket hit
-// gives thr between the order statistics k and k+1, both in [lo, hi]; decides() checks it anyway, and
+// gives thr between the order statistics k and k+1, both in [lo, hi]; deciding_classes checks it, and
 // the apply pass recomputes the scores where it fails. Per slice of the tensor (one slice unless the
 // tensor was split over the threads): two bit planes (bit j of byte b is element 8b + j of the slice;
 // zero past its end, padded to whole 64-bit words) and the mid keys, with the index of the first mid key
@@ -114,34 +114,19 @@ struct Classes {
   std::vector<Slice> slices;
 };
 
-// Whether the classes decide s < thr for every element (see Classes).
-inline bool decides(const Classes& c, float thr) {
-  if (!c.valid || !(thr >= 0.0f)) return false;  // NaN (masks nothing anyway) or -0
-  uint32_t t;
-  std::memcpy(&t, &thr, sizeof t);
-  return t >= c.lo && t <= c.hi && (t > c.lo || !c.any_below);
-}
+// classes[i] if it decides s < thr for every element of tensor i (see Classes), else nullptr (tensor i
+// took another path, no classes were kept, or thr == lo with keys below lo). Called once per tensor
+// whose threshold masks something; counts which way its apply pass goes (cure::cpu_apply_counters).
+const Classes* deciding_classes(const std::vector<Classes>& classes, int64_t i, float thr);
 
-// Bit j of words[w] = 1 where element begin + 64w + j of the tensor has s < thr, else 0, for one apply
-// chunk [begin, end) (begin a multiple of kApplyChunk from its slice's start; bits past end are 0);
-// decides(c, thr) must hold. Returns the number of elements masked.
-int64_t masked_words(const Classes& c, int64_t begin, int64_t end, float thr, uint64_t* words);
+// For one apply chunk [begin, end) of a tensor whose classes c decide thr (begin a multiple of
+// kApplyChunk from its slice's start): one byte per element, 1 where s < thr, in a buffer of the calling
+// thread valid until its next call.
+const uint8_t* masked_bytes(const Classes& c, int64_t begin, int64_t end, float thr);
 
-// A buffer of kApplyChunk / 64 words for masked_words, one per thread.
-uint64_t* chunk_mask_words();
-
-// bytes[j] = bit j of words, for j < len (for the apply loops of every dtype).
-void bytes_of_words(const uint64_t* words, int64_t len, uint8_t* bytes);
-
-// update[j] = 0 where bit j of words is set, j < len (AVX2: eight elements per table lookup).
-void zero_masked_f32(float* update, const uint64_t* words, int64_t len);
-
-// A buffer of kApplyChunk bytes for bytes_of_words, one per thread.
-uint8_t* chunk_mask_buffer();
-
-// Counts the apply pass of one tensor that compares scores with its threshold: from the classes
-// (by_classes) or by recomputing the scores. Read by cure::cpu_apply_counters (tests, benchmarks).
-void count_apply(bool by_classes);
+// The same chunk of a float32 update, straight from the bits: update[j] = 0 where element begin + j has
+// s < thr (update points at element begin). Returns the number of elements kept.
+int64_t mask_f32(const Classes& c, int64_t begin, int64_t end, float thr, float* update);
 
 // The classes of one op call's tensors, borrowed from a pool: their buffers are reused from call to
 // call (no page faults on every step) and never shared by two calls at once.

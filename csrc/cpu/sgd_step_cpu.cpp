@@ -47,7 +47,7 @@ struct Hyper {
 };
 
 // Where an apply pass takes s < thr from: nowhere (thr masks nothing), the recomputed scores, or one
-// byte per element from the bracket's classes (cpu::masked_words, cpu::bytes_of_words).
+// byte per element from the bracket's classes (cpu::masked_bytes).
 enum Mask : int { kNoMask = 0, kScores = 1, kBytes = 2 };
 
 // One chunk of one tensor. MASK: see Mask; FREEZE: mask mode "update"; STEP: the SGD update is applied
@@ -131,17 +131,11 @@ int64_t apply_chunk(const Entry& e, int64_t begin, int64_t end, const Hyper& h, 
   TORCH_INTERNAL_ASSERT(false, "unreachable");
 }
 
-// One apply chunk [begin, end) of a tensor. With classes that decide its threshold (cpu::decides), s < thr
-// comes from them; otherwise from the recomputed scores.
+// One apply chunk [begin, end) of a tensor. With classes that decide its threshold (cpu::deciding_classes),
+// s < thr comes from them; otherwise from the recomputed scores.
 int64_t apply_entry_chunk(const Entry& e, const cpu::Classes* classes, int64_t begin, int64_t end, const Hyper& h,
                           float thr, bool freeze, bool step, bool revise) {
-  uint8_t* mask_bytes = nullptr;
-  if (classes != nullptr && cpu::masks_anything(thr)) {
-    uint64_t* words = cpu::chunk_mask_words();
-    cpu::masked_words(*classes, begin, end, thr, words);
-    mask_bytes = cpu::chunk_mask_buffer();
-    cpu::bytes_of_words(words, end - begin, mask_bytes);
-  }
+  const uint8_t* mask_bytes = classes != nullptr ? cpu::masked_bytes(*classes, begin, end, thr) : nullptr;
   switch (e.param.scalar_type()) {
     case at::kFloat: return apply_chunk<float>(e, begin, end, h, thr, freeze, step, revise, mask_bytes);
     case at::kBFloat16: return apply_chunk<c10::BFloat16>(e, begin, end, h, thr, freeze, step, revise, mask_bytes);
@@ -244,12 +238,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rgp_sgd_step_cpu(
                 static_cast<float>(decay), static_cast<float>(1.0 - decay)};
   std::vector<int64_t> kept_count(count, 0);
   cpu::ClassesLease classes;  // filled by the selection below (none with given thresholds)
-  // Tensor i's classes where they decide its threshold (counting which way each masking tensor goes).
+  // Tensor i's classes where they decide its threshold (none where it masks nothing).
   auto classes_for = [&](int64_t i, float thr) -> const cpu::Classes* {
-    if (!cpu::masks_anything(thr)) return nullptr;
-    const bool by_classes = i < static_cast<int64_t>(classes->size()) && cpu::decides((*classes)[i], thr);
-    cpu::count_apply(by_classes);
-    return by_classes ? &(*classes)[i] : nullptr;
+    return cpu::masks_anything(thr) ? cpu::deciding_classes(*classes, i, thr) : nullptr;
   };
   // The apply pass of tensor i over all of it (parallel when the tensor was split over the threads).
   auto apply_tensor = [&](int64_t i, float thr, bool step, bool parallel) {
