@@ -46,7 +46,7 @@ def _csv_list(kind):
 
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     from cure.attacks import NORMS
-    from cure.config import DEVICES, EVAL_PROTOCOLS, LR_SCHEDULES, MASK_MODES, METHODS
+    from cure.config import DEVICES, EVAL_PROTOCOLS, LR_SCHEDULES, MASK_MODES, METHODS, REVISION_BN_MODES
 
     B = argparse.BooleanOptionalAction
     g = p.add_argument_group("run")
@@ -156,7 +156,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beta", type=float, help="KL weight of TRADES/CURE")
     g.add_argument("--gamma", type=float, help="consistency weight of L_CR")
     g.add_argument("--alpha", type=float, help="weight of |dL_nat/dw| in the prominence score")
-    g.add_argument("-p", "--conserve-fraction", dest="p", type=float, help="conserved fraction per tensor")
+    g.add_argument("-p", "--p", "--conserve-fraction", dest="p", type=float, help="conserved fraction per tensor")
     g.add_argument(
         "--mask-mode",
         choices=MASK_MODES,
@@ -166,6 +166,13 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-mask", action="store_true", default=None, help="ablation: no RGP masking")
     g.add_argument(
         "--no-revision", action="store_true", default=None, help="ablation: no revision model / L_CR"
+    )
+    g.add_argument(
+        "--revision-bn",
+        choices=REVISION_BN_MODES,
+        help="BatchNorm of the revision model: batch (default, like the official code: L_CR targets in train "
+        "mode, EMA over the parameters, its own running statistics) or ema (targets in eval mode, running "
+        "statistics averaged with the weights; collapses BatchNorm networks, see docs/method.md)",
     )
     g.add_argument("--revision-rate", type=float, help="r")
     g.add_argument("--revision-decay", type=float, help="d")

@@ -56,6 +56,7 @@ from typing import Any
 __all__ = [
     "METHODS",
     "MASK_MODES",
+    "REVISION_BN_MODES",
     "LR_SCHEDULES",
     "DEVICES",
     "EVAL_PROTOCOLS",
@@ -74,6 +75,8 @@ __all__ = [
 
 METHODS = ("st", "at", "trades", "cure", "mart")
 MASK_MODES = ("grad", "update")
+#: BatchNorm of the revision model (cure.revision): "batch" (the official code's; default) or "ema".
+REVISION_BN_MODES = ("batch", "ema")
 LR_SCHEDULES = ("piecewise", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 #: How the attacks of the evaluation are run (see cure.evaluation): "ours" (PGD-20 in 20 steps of eps/4,
@@ -144,6 +147,9 @@ class TrainConfig:
     revision_rate_decay_epoch: int | None = None  # from this epoch (0-based) on, r is multiplied by ...
     revision_rate_decay_factor: float = 0.5  # ... this factor (the paper decays r late in training)
     no_revision: bool = False  # ablation: no L_CR and no revision model
+    # BatchNorm of the revision model: "batch" (the official code: L_CR targets in train mode, EMA over the
+    # parameters, its own running statistics) or "ema" (targets in eval mode, statistics averaged; departs)
+    revision_bn: str = "batch"
     # --- natural pre-training
     init: str | None = None  # checkpoint (e.g. DIR/last.pt of `cure train --method st`) to start from
     warmup_epochs: int = 0  # CURE-Eff: the first N epochs are natural training, inside `epochs`
@@ -253,6 +259,7 @@ class TrainConfig:
         if self.revision_rate_decay_epoch is not None:
             _int("revision_rate_decay_epoch", self.revision_rate_decay_epoch, low=0)
         _fraction("revision_rate_decay_factor", self.revision_rate_decay_factor)
+        _choice("revision_bn", self.revision_bn, REVISION_BN_MODES)
         _int("warmup_epochs", self.warmup_epochs, low=0)
         if self.warmup_epochs >= self.epochs:
             raise ConfigError(

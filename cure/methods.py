@@ -35,8 +35,8 @@ param group at that step (so the lr scheduler works unchanged) and updates its m
 place (so checkpoints and resume are unchanged). The buffers are created as zeros up front, and with a
 zero buffer the op's first step gives buf = momentum * 0 + d = d, which is what PyTorch's first step
 copies in. Mask mode "update" freezes the whole update of a conserved entry inside the same op. The
-revision draw u and the warmed-up decay d_t are taken before the op; the revision model's BatchNorm
-statistics follow in a small separate update after it. ST, AT, TRADES and the no-mask ablation step
+revision draw u and the warmed-up decay d_t are taken before the op (in ``--revision-bn ema`` the
+revision model's BatchNorm statistics follow in a small separate update after it). ST, AT, TRADES and the no-mask ablation step
 with ``torch.optim.SGD(fused=True)`` (the ablation has no prominence gradients to give the op, and the
 fused SGD is already one multi-tensor kernel); its revision runs through :func:`cure_kernels.revise_`.
 
@@ -64,8 +64,14 @@ the BatchNorm buffers and the loss, so the skip decision, the masks (computed fr
 gradients) and the SGD step are the same on every rank. The revision draw comes from a CPU generator
 seeded identically on every rank.
 
-The revision model gives its consistency targets in eval mode, and its BatchNorm statistics follow the
-same EMA as its weights (see :mod:`cure.revision` for why; the official code keeps it in train mode).
+The revision model gives its consistency targets in train mode (BatchNorm with the batch's statistics,
+as the official code does), under ``no_grad``; its EMA covers the parameters, and its running statistics
+move only through those forward passes (restored, like the model's, on a skipped step; averaged over the
+ranks of a data-parallel run). ``--revision-bn ema`` keeps the earlier eval-mode design (see
+:mod:`cure.revision`).
+
+Every TRADES-style step also returns its loss terms (``loss_ce`` = CE(f(x), y), ``loss_kl`` = beta * KL,
+``loss_cr`` = gamma * L_CR) and the revision model's correct predictions on x, as device tensors.
 """
 
 from __future__ import annotations
@@ -169,6 +175,11 @@ class StepResult:
     nonfinite: Tensor  # non-finite prominence scores (0 without masking)
     revised: bool = False  # the revision model was updated this step
     mask_stats: MaskStats | None = None  # per-tensor thresholds, kept and non-finite counts (CURE with a mask)
+    # Loss terms of TRADES-style steps (None where the method has no such term), detached float32 scalars.
+    loss_ce: Tensor | None = None  # CE(f(x), y)
+    loss_kl: Tensor | None = None  # beta * KL(p(x) || p(x_adv))
+    loss_cr: Tensor | None = None  # gamma * L_CR (CURE with a revision model)
+    rev_correct_nat: Tensor | None = None  # the revision model's correct predictions on x (from its target pass)
 
 
 def _correct(logits: Tensor, y: Tensor) -> Tensor:
@@ -200,10 +211,11 @@ def _restore_buffers(ctx: StepContext, bad: Tensor, buffers_before: list[Tensor]
             buf.copy_(torch.where(bad, old, buf))
 
 
-def _reduce(ctx: StepContext, loss: Tensor, captured: bool = False) -> Tensor:
+def _reduce(ctx: StepContext, loss: Tensor, captured: bool = False, extra_buffers: list[Tensor] = ()) -> Tensor:
     """Data-parallel runs: average over the ranks, in one packed collective per dtype, the update
     gradients (plus the natural and adversarial ones when ``captured``), the model's floating-point
-    buffers (BatchNorm statistics) and the loss; return the (averaged) detached loss.
+    buffers (BatchNorm statistics), the floating-point tensors of ``extra_buffers`` (the revision model's
+    own running statistics) and the loss; return the (averaged) detached loss.
 
     Called after the step's last backward pass and before masking, so the mask, the skip decision and
     the SGD step are computed from identical values on every rank (see :mod:`cure.distributed`).
@@ -222,6 +234,7 @@ def _reduce(ctx: StepContext, loss: Tensor, captured: bool = False) -> Tensor:
     else:
         tensors = [q.grad for q in ctx.module.parameters() if q.grad is not None]
     tensors += [b for b in ctx.module.buffers() if b.is_floating_point()]
+    tensors += [b for b in extra_buffers if b.is_floating_point()]
     tensors.append(loss)
     all_reduce_mean_(tensors, ctx.dist)
     return loss.reshape(())
@@ -276,6 +289,12 @@ def madry_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
     return StepResult(loss, zero, _correct(logits_adv, y), bad, zero + 1, zero)
 
 
+def _trades_terms(logits_nat: Tensor, logits_adv: Tensor, y: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """(CE(f(x), y), beta * KL(p(x) || p(x_adv))): the two terms of TRADES' loss and of CURE's L_adv
+    (Eq. 5), whose sum is the loss."""
+    return F.cross_entropy(logits_nat.float(), y), beta * kl_divergence(logits_nat, logits_adv)
+
+
 def trades_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
     """TRADES: x_adv maximises KL(p(x) || p(x')); SGD on CE(f(x), y) + beta * KL(p(x) || p(x_adv))."""
     cfg = ctx.cfg
@@ -289,27 +308,31 @@ def trades_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
             norm=cfg.norm,
             generator=ctx.attack_generator,
         )
-    return _paired_loss_step(
-        ctx, x, y, x_adv,
-        lambda nat, adv: F.cross_entropy(nat.float(), y) + cfg.beta * kl_divergence(nat, adv),
-    )
+
+    def loss_fn(nat: Tensor, adv: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        ce, kl = _trades_terms(nat, adv, y, cfg.beta)
+        return ce + kl, {"loss_ce": ce.detach(), "loss_kl": kl.detach()}
+
+    return _paired_loss_step(ctx, x, y, x_adv, loss_fn)
 
 
 def _paired_loss_step(ctx: StepContext, x: Tensor, y: Tensor, x_adv: Tensor, loss_fn) -> StepResult:
     """The update of TRADES and MART: ``loss_fn(f(x), f(x_adv))`` in train mode, one backward pass, PyTorch's
-    fused SGD (skipped on the device when the loss is not finite)."""
+    fused SGD (skipped on the device when the loss is not finite). ``loss_fn`` returns the loss, or
+    ``(loss, terms)`` with ``terms`` StepResult's loss-term fields."""
     buffers = _train_mode(ctx)
     ctx.zero_grad()
     with ctx.autocast():
         logits_nat = ctx.model(x)
         logits_adv = ctx.model(x_adv)
     loss = loss_fn(logits_nat, logits_adv)
+    loss, terms = loss if isinstance(loss, tuple) else (loss, {})
     loss.backward()
     loss = _reduce(ctx, loss)
     bad = ~torch.isfinite(loss)
     _apply_update(ctx, bad, buffers)
     zero = _zero(ctx)
-    return StepResult(loss, _correct(logits_nat, y), _correct(logits_adv, y), bad, zero + 1, zero)
+    return StepResult(loss, _correct(logits_nat, y), _correct(logits_adv, y), bad, zero + 1, zero, **terms)
 
 
 def _sgd_hyperparameters(optimizer: torch.optim.SGD) -> tuple[float, float, float]:
@@ -472,15 +495,22 @@ def cure_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
     with ctx.autocast():
         logits_nat = ctx.model(x)
         logits_adv = ctx.model(x_adv)
-    loss_nat = F.cross_entropy(logits_nat.float(), y)  # L_nat: prominence only (and part of L_adv)
-    loss_adv = loss_nat + cfg.beta * kl_divergence(logits_nat, logits_adv)  # Eq. 5
-    loss = loss_adv
+    loss_nat, loss_kl = _trades_terms(logits_nat, logits_adv, y, cfg.beta)  # L_nat: also the prominence's
+    loss = loss_adv = loss_nat + loss_kl  # Eq. 5
+    loss_cr = rev_correct = None
+    rev_buffers: list[Tensor] = []
     if revision is not None:
+        # The targets of L_CR: the revision model in train mode (BatchNorm with this batch's statistics, as
+        # the official code), no gradients. Its running statistics move with these two passes; they are
+        # saved first so that a skipped step can undo them, like the trained model's.
+        revision.target_mode()
+        rev_buffers = [b.clone() for b in revision.own_buffers()]
         with torch.no_grad(), ctx.autocast():
             rev_nat = ctx.revision_forward(x)
             rev_adv = ctx.revision_forward(x_adv)
-        loss_cr = kl_divergence(rev_nat, logits_nat) + kl_divergence(rev_adv, logits_adv)  # Eq. 8
-        loss = loss_adv + cfg.gamma * loss_cr
+        loss_cr = cfg.gamma * (kl_divergence(rev_nat, logits_nat) + kl_divergence(rev_adv, logits_adv))  # Eq. 8
+        loss = loss_adv + loss_cr
+        rev_correct = _correct(rev_nat, y)
     # 3. Gradients: dL_nat/dw and dL_rob/dw into the masker's buffers, dL/dw into .grad.
     stats: MaskStats | None = None
     selection = None
@@ -503,7 +533,8 @@ def cure_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
             # captured buffers) can overtake the side stream's reads.
             torch.cuda.current_stream(masker.params[0].device).wait_stream(selection[0])
     # Data-parallel: one packed all-reduce of the three gradients, the BatchNorm buffers and the loss.
-    loss = _reduce(ctx, loss, captured=masker is not None)
+    loss = _reduce(ctx, loss, captured=masker is not None,
+                   extra_buffers=revision.own_buffers() if revision is not None else [])
     bad = ~torch.isfinite(loss)
     # The revision draw of this step (Eq. 7), taken first: a selected revision is fused into the update.
     ctx.cure_step += 1
@@ -518,11 +549,15 @@ def cure_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
         bad = bad | (stats.nonfinite.sum() > 0)
         _restore_buffers(ctx, bad, buffers)
         if revision_decay is not None:
-            revision.update_rest(revision_decay, masker.params)  # BatchNorm statistics, integer buffers
+            revision.update_rest(revision_decay, masker.params)  # what the fused step did not revise
     else:
         _apply_update(ctx, bad, buffers)
         if revision_decay is not None:
             revision.update(revision_decay)
+    if rev_buffers:
+        with torch.no_grad():
+            for buf, old in zip(revision.own_buffers(), rev_buffers):
+                buf.copy_(torch.where(bad, old, buf))
     revised = revision_decay is not None
     if stats is not None:
         kept_fraction = stats.kept.sum().float() / ctx._param_numel
@@ -539,6 +574,10 @@ def cure_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
         nonfinite,
         revised,
         stats,
+        loss_ce=loss_nat.detach(),
+        loss_kl=loss_kl.detach(),
+        loss_cr=None if loss_cr is None else loss_cr.detach(),
+        rev_correct_nat=rev_correct,
     )
 
 
@@ -616,7 +655,8 @@ def build_step_context(
     revision = revision_forward = None
     if cfg.uses_revision:
         revision = RevisionModel(
-            module, rate=cfg.revision_rate, decay=cfg.revision_decay, backend=cfg.kernel_backend
+            module, rate=cfg.revision_rate, decay=cfg.revision_decay, backend=cfg.kernel_backend,
+            bn=cfg.revision_bn,
         )
         revision_forward = torch.compile(revision.module) if cfg.compile else revision.module
     return StepContext(

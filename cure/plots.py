@@ -15,6 +15,9 @@ Figures:
   training natural (solid) and adversarial (dotted) accuracy; the learning rate.
 * ``revision_<run>.png`` (runs with revision columns): the revision model next to the trained one,
   validation natural accuracy, PGD-20 accuracy and NRR per epoch.
+* ``losses_<run>.png`` (TRADES-style runs with loss-term columns): the epoch means of CE(f(x), y),
+  beta * KL and gamma * L_CR, and the training-batch natural accuracy of the trained model next to the
+  revision model's (from the forward pass that gives the L_CR targets).
 * ``layers_<run>.png`` (runs with ``layer_stats.csv``): the fraction of gradient entries the RGP mask kept,
   per layer and epoch (heat map); the mean |gradient| of the natural and of the robust loss per layer
   (the gradient prominence of each, averaged over the epochs); log10 of their ratio per layer and epoch;
@@ -237,6 +240,47 @@ def _plot_revision(run: Run, out: Path, stem: str) -> Path:
     return path
 
 
+LOSS_TERMS = (("loss_ce", "CE(f(x), y)"), ("loss_kl", "beta * KL(p(x) || p(x_adv))"), ("loss_cr", "gamma * L_CR"))
+
+
+def _integer_epochs(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _plot_losses(run: Run, out: Path, stem: str) -> Path:
+    plt = _pyplot()
+    has_rev = run.has("rev_train_nat_acc")
+    fig, axes = plt.subplots(1, 2 if has_rev else 1, figsize=(12 if has_rev else 6.5, 4.2), squeeze=False)
+    epoch = run.metrics["epoch"]
+    ax = axes[0, 0]
+    for col, label in LOSS_TERMS:
+        if run.has(col):
+            ax.plot(epoch, run.metrics[col], "-o", ms=4, label=label)
+    if run.has("train_loss"):
+        ax.plot(epoch, run.metrics["train_loss"], "k:", marker=".", label="total loss")
+    ax.set_title("loss terms (epoch means over the training batches)")
+    ax.set_ylabel("loss")
+    if has_rev:
+        ax = axes[0, 1]
+        if run.has("train_nat_acc"):
+            ax.plot(epoch, run.metrics["train_nat_acc"], "-o", ms=4, label="trained model")
+        ax.plot(epoch, run.metrics["rev_train_nat_acc"], "--s", ms=4, label="revision model (L_CR targets)")
+        ax.set_title("natural accuracy on the training batches")
+        ax.set_ylabel("accuracy (%)")
+    for ax in axes.flat:
+        ax.set_xlabel("epoch")
+        _integer_epochs(ax)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _title_and_layout(fig, f"{run.method.upper()} on {run.dataset} ({run.arch}): {run.name}, loss terms")
+    path = out / f"losses_{stem}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _layer_grid(run: Run, column: str) -> tuple[list[int], list[str], np.ndarray] | None:
     rows = run.layer_stats or []
     if not rows or column not in rows[0]:
@@ -353,6 +397,8 @@ def plot_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike) -> tupl
             stem = f"{stem}_{stems[stem]}"
         if run.has("rev_val_nat_acc") or run.has("rev_val_pgd20_acc"):
             written.append(_plot_revision(run, out, stem))
+        if any(run.has(col) for col, _ in LOSS_TERMS):
+            written.append(_plot_losses(run, out, stem))
         if run.layer_stats is not None:
             path = _plot_layers(run, out, stem)
             if path is not None:

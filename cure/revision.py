@@ -5,24 +5,29 @@ trainer's generator; if u < r::
 
     theta_rev <- d_t * theta_rev + (1 - d_t) * theta,      d_t = min(1 - 1/(t + 1), d)
 
-(the warm-up of d_t is the official code's). The average covers every parameter **and every
-floating-point buffer** (BatchNorm running mean and variance); integer buffers (``num_batches_tracked``)
-are copied. :meth:`RevisionModel.update` runs it through :func:`cure_kernels.revise_` over one flat list.
-A CURE step with a mask instead fuses the parameters' average into its SGD step
-(:func:`cure_kernels.rgp_sgd_step_` with ``revision=``:meth:`RevisionModel.counterparts`), so the new
-weights are read once, and completes the update with :meth:`RevisionModel.update_rest` (the buffers).
+(the warm-up of d_t is the official code's). :meth:`RevisionModel.update` runs it through
+:func:`cure_kernels.revise_` over one flat list. A CURE step with a mask instead fuses the parameters'
+average into its SGD step (:func:`cure_kernels.rgp_sgd_step_` with ``revision=``
+:meth:`RevisionModel.counterparts`), so the new weights are read once, and completes the update with
+:meth:`RevisionModel.update_rest`.
 
-Design decisions (the official code differs; see docs/method.md):
+BatchNorm (``bn``), two modes:
 
-* The revision model runs in **eval mode** when it provides the consistency targets of L_CR and when it
-  is evaluated. The official code keeps it in train mode, so its BatchNorm normalises with the statistics
-  of the current batch and updates its own running statistics from its forward passes. In eval mode the
-  target is a fixed function of theta_rev (it does not depend on which images share the batch), and the
-  network that produced the targets during training is exactly the one evaluated and saved afterwards.
-* Its BatchNorm running statistics **follow the EMA** of the trained model's running statistics. The
-  trained model forwards both natural and adversarial batches in train mode, so its running statistics
-  describe the mixture the revision model sees; averaging them with the same decay as the weights keeps
-  the statistics matched to the averaged weights.
+* ``"batch"`` (the default; what the official code, NeurAI-Lab/CURE ``utilities/train.py``, does): the
+  revision model gives the consistency targets of L_CR in **train mode**, so its BatchNorm layers
+  normalise with the statistics of the batch being trained on, under ``no_grad``. The EMA covers the
+  **parameters only**. Its BatchNorm running statistics (and ``num_batches_tracked``) are its own: they
+  move only through its own forward passes on x and x_adv, so when it is evaluated or saved (eval mode)
+  its statistics were measured with its own weights. At the first CURE step theta_rev = theta exactly,
+  so both networks compute the same logits and L_CR is exactly 0.
+* ``"ema"`` (``--revision-bn ema``; an earlier design of this project, kept as an option): targets in
+  **eval mode**, and the running statistics averaged with the same EMA as the weights (integer buffers
+  copied). Measured on ResNet-20 / Fashion-MNIST from a natural model (docs/method.md, "Revision model
+  and BatchNorm"): the averaged running variances are dominated by the iterates of the first large-lr
+  steps and no longer fit the averaged weights, the eval-mode targets fall to near chance, and with
+  gamma = 1 L_CR pulls the trained model down (32 steps: test Nat 17.2 % against 46.4 % with ``batch``;
+  two epochs: CURE 26.4 / 9.2 % Nat / PGD-20 against 61.6 / 36.4 %). Networks without BatchNorm compute
+  the same in both modes.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ import torch
 from torch import Tensor, nn
 
 import cure_kernels
+from cure.config import REVISION_BN_MODES
 
-__all__ = ["RevisionModel", "revision_decay_at"]
+__all__ = ["RevisionModel", "REVISION_BN_MODES", "revision_decay_at"]
 
 
 def revision_decay_at(step: int, decay: float) -> float:
@@ -45,31 +51,43 @@ def revision_decay_at(step: int, decay: float) -> float:
     return min(1.0 - 1.0 / (step + 1), decay)
 
 
-def _float_state(module: nn.Module) -> list[Tensor]:
-    """Parameters then floating-point buffers, in a fixed order."""
+def _averaged(module: nn.Module, bn: str) -> list[Tensor]:
+    """The tensors the EMA covers, in a fixed order: the parameters, plus the floating-point buffers in
+    mode "ema"."""
     params = [p.detach() for p in module.parameters()]
-    buffers = [b for b in module.buffers() if b.is_floating_point()]
-    return params + buffers
+    if bn == "batch":
+        return params
+    return params + [b for b in module.buffers() if b.is_floating_point()]
 
 
-def _int_buffers(module: nn.Module) -> list[Tensor]:
+def _copied(module: nn.Module, bn: str) -> list[Tensor]:
+    """The tensors an EMA update copies from the trained model: the integer buffers in mode "ema"."""
+    if bn == "batch":
+        return []
     return [b for b in module.buffers() if not b.is_floating_point()]
 
 
 class RevisionModel:
-    """Holds theta_rev (a deep copy of the trained model, no gradients, eval mode) and updates it.
+    """Holds theta_rev (a deep copy of the trained model, no gradients) and updates it.
 
     Args:
         model: the trained model (not a ``torch.compile`` wrapper: pass the module it wraps).
         rate: r, the probability of an update per step.
         decay: d, the EMA decay after warm-up.
         backend: :func:`cure_kernels.revise_` backend.
+        bn: "batch" (default, the official code's: targets in train mode, EMA over the parameters, own
+            running statistics) or "ema" (targets in eval mode, running statistics averaged); see the
+            module docstring.
     """
 
-    def __init__(self, model: nn.Module, *, rate: float, decay: float, backend: str = "auto"):
+    def __init__(self, model: nn.Module, *, rate: float, decay: float, backend: str = "auto",
+                 bn: str = "batch"):
+        if bn not in REVISION_BN_MODES:
+            raise ValueError(f"bn must be one of {REVISION_BN_MODES}, got {bn!r}")
         self.rate = float(rate)
         self.decay = float(decay)
         self.backend = backend
+        self.bn = bn
         self.module = copy.deepcopy(model)
         self.module.requires_grad_(False)
         self.module.eval()
@@ -81,12 +99,24 @@ class RevisionModel:
         self._rest_rev: list[Tensor] = []
         self._rest_src: list[Tensor] = []
 
+    @property
+    def batch_statistics(self) -> bool:
+        """The targets of L_CR come from train mode (BatchNorm with the batch's statistics)."""
+        return self.bn == "batch"
+
+    def target_mode(self) -> nn.Module:
+        """Put the revision model in the mode it gives the L_CR targets in (train for "batch", eval for
+        "ema") and return it. Evaluation puts it in eval mode itself."""
+        return self.module.train(self.batch_statistics)
+
     def _pair_lists(self, model: nn.Module) -> None:
-        self._rev_float, self._src_float = _float_state(self.module), _float_state(model)
-        self._rev_int, self._src_int = _int_buffers(self.module), _int_buffers(model)
-        if len(self._rev_float) != len(self._src_float) or len(self._rev_int) != len(self._src_int):
+        self._rev_float, self._src_float = _averaged(self.module, self.bn), _averaged(model, self.bn)
+        self._rev_int, self._src_int = _copied(self.module, self.bn), _copied(model, self.bn)
+        rev_all = list(self.module.parameters()) + list(self.module.buffers())
+        src_all = list(model.parameters()) + list(model.buffers())
+        if len(rev_all) != len(src_all):
             raise ValueError("the revision model and the trained model have different parameters or buffers")
-        for i, (r, s) in enumerate(zip(self._rev_float, self._src_float)):
+        for i, (r, s) in enumerate(zip(rev_all, src_all)):
             if r.shape != s.shape or r.dtype != s.dtype:
                 raise ValueError(
                     f"revision tensor {i} is {tuple(r.shape)} {r.dtype} but the model's is "
@@ -95,8 +125,8 @@ class RevisionModel:
 
     @torch.no_grad()
     def update(self, decay: float) -> None:
-        """theta_rev <- decay * theta_rev + (1 - decay) * theta (parameters and floating buffers);
-        integer buffers are copied."""
+        """theta_rev <- decay * theta_rev + (1 - decay) * theta over the averaged tensors (the parameters;
+        in mode "ema" also the floating-point buffers, integer buffers copied)."""
         cure_kernels.revise_(self._rev_float, self._src_float, decay=decay, backend=self.backend)
         for r, s in zip(self._rev_int, self._src_int):
             r.copy_(s)
@@ -149,8 +179,9 @@ class RevisionModel:
     @torch.no_grad()
     def update_rest(self, decay: float, params: Sequence[Tensor]) -> None:
         """Complete an update whose parameters ``params`` the fused SGD step has already revised with
-        ``decay``: every other floating-point tensor of theta_rev (the BatchNorm statistics, parameters not
-        in ``params``) through :func:`cure_kernels.revise_`, integer buffers copied. Counts one update.
+        ``decay``: every other averaged tensor of theta_rev (parameters not in ``params``; in mode "ema" the
+        BatchNorm statistics too, integer buffers copied) through :func:`cure_kernels.revise_`. Counts one
+        update.
 
         Together with the fused step this equals :meth:`update` (``decay``), tensor for tensor.
         """
@@ -163,9 +194,17 @@ class RevisionModel:
 
     @torch.no_grad()
     def copy_from_model(self) -> None:
-        """theta_rev <- theta exactly (all parameters and buffers); used when the CURE stage starts."""
-        for r, s in zip(self._rev_float + self._rev_int, self._src_float + self._src_int):
+        """theta_rev <- theta exactly (all parameters and buffers, in both modes); used when the CURE stage
+        starts (after the natural pre-training, or after CURE-Eff's warm-up)."""
+        rev = list(self.module.parameters()) + list(self.module.buffers())
+        src = list(self._source.parameters()) + list(self._source.buffers())
+        for r, s in zip(rev, src):
             r.copy_(s)
+
+    def own_buffers(self) -> list[Tensor]:
+        """The buffers that the revision model's own forward passes move (its BatchNorm running statistics
+        and counters in mode "batch"; none in mode "ema", where they follow the trained model's)."""
+        return list(self.module.buffers()) if self.batch_statistics else []
 
     def state_dict(self) -> dict:
         """Weights and buffers of the revision model plus the update counter."""

@@ -102,6 +102,10 @@ METRIC_COLUMNS = (
     "train_loss",
     "train_nat_acc",
     "train_adv_acc",
+    "loss_ce",
+    "loss_kl",
+    "loss_cr",
+    "rev_train_nat_acc",
     "kept_fraction",
     "skipped_steps",
     "nonfinite_scores",
@@ -114,7 +118,10 @@ METRIC_COLUMNS = (
     "rev_val_nrr",
     "epoch_seconds",
 )
-_SUM_FIELDS = ("loss", "correct_nat", "correct_adv", "skipped", "kept_fraction", "nonfinite")
+_SUM_FIELDS = ("loss", "correct_nat", "correct_adv", "skipped", "kept_fraction", "nonfinite",
+               "loss_ce", "loss_kl", "loss_cr", "rev_correct_nat")
+# Summed over the ranks of a data-parallel run (per-shard counts); every other field is averaged.
+_COUNT_FIELDS = ("correct_nat", "correct_adv", "rev_correct_nat")
 
 
 def _device_counter(section: str, *, per_epoch: bool):
@@ -215,6 +222,8 @@ class RunState:
             kind = f.metadata.get("kind")
             if kind == "sums":
                 value = value.to(device=device, dtype=torch.float64)
+                if value.numel() < len(_SUM_FIELDS):  # written before the loss terms were summed
+                    value = torch.cat([value, value.new_zeros(len(_SUM_FIELDS) - value.numel())])
             elif kind == "counter":
                 value = torch.tensor(int(value), dtype=torch.int64, device=device)
             elif kind == "layer_sums":
@@ -524,13 +533,14 @@ class _Trainer:
         """The epoch sums over all ranks (a collective in data-parallel runs: call it on every rank).
 
         Loss, skips, kept fraction and non-finite counts are identical on every rank (computed from
-        reduced values) and are averaged; the correct-prediction counts are per shard and are summed.
+        reduced values) and are averaged, and so are the loss terms (per-shard means of equal shards); the
+        correct-prediction counts are per shard and are summed.
         """
         sums = self.state.sums
         if not self.dist.enabled:
             return sums
         weights = torch.tensor(
-            [1.0 if f.startswith("correct") else 1.0 / self.dist.world_size for f in _SUM_FIELDS],
+            [1.0 if f in _COUNT_FIELDS else 1.0 / self.dist.world_size for f in _SUM_FIELDS],
             dtype=sums.dtype,
             device=sums.device,
         )
@@ -573,7 +583,7 @@ class _Trainer:
         restore_rng(state["rng"], {"attack": self.attack_generator, "revision": self.revision_generator})
         if self.dist.enabled and not self.dist.is_main:  # the saved counts are global: rank 0 carries them
             for i, f in enumerate(_SUM_FIELDS):
-                if f.startswith("correct"):
+                if f in _COUNT_FIELDS:
                     self.state.sums[i] = 0
         saved_world = int(state.get("distributed", {}).get("world_size", 1))
         if saved_world != self.dist.world_size and self.dist.is_main:
@@ -604,6 +614,7 @@ class _Trainer:
 
     # --- one epoch -------------------------------------------------------------------------------
     def _record(self, result: StepResult) -> None:
+        zero = result.loss.new_zeros((), dtype=torch.float64)
         values = torch.stack(
             [
                 result.loss.double(),
@@ -613,6 +624,8 @@ class _Trainer:
                 result.kept_fraction.double(),
                 result.nonfinite.double(),
             ]
+            + [zero if t is None else t.double()
+               for t in (result.loss_ce, result.loss_kl, result.loss_cr, result.rev_correct_nat)]
         )
         self.state.sums += values
         st = self.state
@@ -704,6 +717,19 @@ class _Trainer:
             bar.close()
         return True
 
+    def _loss_terms(self, stage: str, sums: dict[str, float]) -> dict[str, float | None]:
+        """The epoch means of the loss terms (TRADES-style stages) and the revision model's accuracy on the
+        training batches (CURE with a revision model); None where the stage has no such term."""
+        steps = max(self.state.epoch_steps, 1)
+        trades_style = stage in ("trades", "cure")
+        revised = stage == "cure" and self.revision is not None
+        return {
+            "loss_ce": sums["loss_ce"] / steps if trades_style else None,
+            "loss_kl": sums["loss_kl"] / steps if trades_style else None,
+            "loss_cr": sums["loss_cr"] / steps if revised else None,
+            "rev_train_nat_acc": 100.0 * sums["rev_correct_nat"] / max(self.state.epoch_images, 1) if revised else None,
+        }
+
     def end_epoch(self, writer) -> dict[str, Any]:
         """Validation, the metrics row, TensorBoard, checkpoints. Moves on to the next epoch."""
         cfg = self.cfg
@@ -718,6 +744,7 @@ class _Trainer:
             # ST steps see no adversarial examples and AT steps no natural forward pass: not measured.
             "train_nat_acc": None if stage == "at" else 100.0 * sums["correct_nat"] / images,
             "train_adv_acc": None if stage == "st" else 100.0 * sums["correct_adv"] / images,
+            **self._loss_terms(stage, sums),
             "kept_fraction": sums["kept_fraction"] / max(self.state.epoch_steps, 1),
             "skipped_steps": int(sums["skipped"]),
             "nonfinite_scores": int(sums["nonfinite"]),
@@ -805,8 +832,11 @@ def _epoch_line(row: dict[str, Any], epochs: int) -> str:
 
     line = (
         f"epoch {row['epoch']}/{epochs} [{row['stage']}] loss {row['train_loss']:.4f} "
-        f"train nat {pct(row['train_nat_acc'])} adv {pct(row['train_adv_acc'])} "
-        f"| val nat {row['val_nat_acc']:.2f} pgd20 {row['val_pgd20_acc']:.2f} nrr {row['val_nrr']:.2f}"
+        + "".join(f"{name} {row[key]:.4f} " for name, key in (("ce", "loss_ce"), ("kl", "loss_kl"), ("cr", "loss_cr"))
+                  if row.get(key) is not None)
+        + f"train nat {pct(row['train_nat_acc'])} adv {pct(row['train_adv_acc'])} "
+        + (f"rev nat {pct(row['rev_train_nat_acc'])} " if row.get("rev_train_nat_acc") is not None else "")
+        + f"| val nat {row['val_nat_acc']:.2f} pgd20 {row['val_pgd20_acc']:.2f} nrr {row['val_nrr']:.2f}"
     )
     if "rev_val_nat_acc" in row:
         line += (
@@ -977,7 +1007,10 @@ def resume_config(
     out = Path(out)
     if state is None:
         state = load_checkpoint(out / "last.pt")
-    saved = TrainConfig.from_dict(state["config"])
+    saved_dict = dict(state["config"])
+    # Runs saved before the option existed kept the revision model in eval mode with averaged statistics.
+    saved_dict.setdefault("revision_bn", "ema")
+    saved = TrainConfig.from_dict(saved_dict)
     explicit = {k: v for k, v in (explicit or {}).items() if v is not None and k != "preset"}
     saved_values = saved.to_dict()
     changed = {}

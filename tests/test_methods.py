@@ -145,12 +145,13 @@ def test_cure_gradients_and_mask_equal_the_reference(monkeypatch):
     x_adv = seen["x_adv"]
     assert (x_adv - x).abs().max() <= cfg.eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
 
-    # The three gradients, recomputed with the pre-step weights (train mode; revision targets in eval mode).
+    # The three gradients, recomputed with the pre-step weights (train mode; the revision model's targets in
+    # train mode too, as the official code computes them).
     model0.train()
     params = list(model0.parameters())
     logits_nat, logits_adv = model0(x), model0(x_adv)
     with torch.no_grad():
-        rev0.eval()
+        rev0.train()
         rev_nat, rev_adv = rev0(x), rev0(x_adv)
     loss_nat = F.cross_entropy(logits_nat, y)
     loss_rob = F.cross_entropy(logits_adv, y)
@@ -205,6 +206,7 @@ def test_no_mask_leaves_gradients_unmasked_and_skips_the_extra_backward_passes(m
     x_adv = seen["x_adv"]
     logits_nat, logits_adv = model0(x), model0(x_adv)
     with torch.no_grad():
+        rev0.train()
         rev_nat, rev_adv = rev0(x), rev0(x_adv)
     loss = (
         F.cross_entropy(logits_nat, y)
@@ -239,11 +241,14 @@ def test_no_revision_drops_the_consistency_loss_and_the_revision_update(monkeypa
         torch.testing.assert_close(got, exp)
 
 
-def test_revision_update_arithmetic():
+@pytest.mark.parametrize("bn", ["batch", "ema"])
+def test_revision_update_arithmetic(bn):
+    """The EMA of Eq. 7 bit for bit: over the parameters only in mode "batch" (the revision model's buffers
+    are its own); over the parameters and the floating-point buffers in mode "ema" (integer ones copied)."""
     torch.manual_seed(0)
     model = build_model("cnn", SPEC)
-    rev = RevisionModel(model, rate=0.2, decay=0.999, backend="reference")
-    assert not rev.module.training and not any(q.requires_grad for q in rev.module.parameters())
+    rev = RevisionModel(model, rate=0.2, decay=0.999, backend="reference", bn=bn)
+    assert not any(q.requires_grad for q in rev.module.parameters())
     # Move the model (parameters and BN buffers) away from the copy.
     model.train()
     with torch.no_grad():
@@ -256,16 +261,22 @@ def test_revision_update_arithmetic():
     assert decay == pytest.approx(0.75)
     rev.update(decay)
     after = rev.module.state_dict()
-    floats = 0
+    param_names = {name for name, _ in model.named_parameters()}
+    averaged = 0
     for key, value in after.items():
-        if value.is_floating_point():
-            floats += 1
+        if key in param_names or (bn == "ema" and value.is_floating_point()):
+            averaged += 1
             expected = before[key].clone()
             reference.revise_reference([expected], [src[key]], decay)
             assert torch.equal(value, expected), key
-        else:
+        elif bn == "ema":
             assert torch.equal(value, src[key]), key  # integer buffers (num_batches_tracked) are copied
-    assert floats == len(list(model.parameters())) + sum(b.is_floating_point() for b in model.buffers())
+        else:
+            assert torch.equal(value, before[key]), key  # its own buffers: the EMA leaves them alone
+            if "running_" in key:
+                assert not torch.equal(value, src[key]), key  # (the model's moved)
+    n_float_buffers = sum(b.is_floating_point() for b in model.buffers())
+    assert averaged == len(list(model.parameters())) + (n_float_buffers if bn == "ema" else 0)
     assert rev.updates == 1
     # The warm-up of the decay: d_t = min(1 - 1/(t+1), d).
     assert revision_decay_at(1, 0.999) == 0.5
@@ -401,6 +412,7 @@ def _unfused_cure_step(ctx, x, y):
     loss_nat = F.cross_entropy(logits_nat.float(), y)
     loss = loss_nat + cfg.beta * kl_divergence(logits_nat, logits_adv)
     if revision is not None:
+        revision.target_mode()
         with torch.no_grad():
             rev_nat, rev_adv = ctx.revision_forward(x), ctx.revision_forward(x_adv)
         loss = loss + cfg.gamma * (kl_divergence(rev_nat, logits_nat) + kl_divergence(rev_adv, logits_adv))
@@ -548,15 +560,16 @@ def test_lr_scheduler_sees_the_fused_update_as_the_optimizer_step():
     assert ctx.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 0.25)
 
 
-def test_fused_revision_split_equals_the_whole_update():
+@pytest.mark.parametrize("bn", ["batch", "ema"])
+def test_fused_revision_split_equals_the_whole_update(bn):
     """counterparts(params) revised by the fused step plus update_rest equals update(), tensor for tensor;
     a parameter outside params (here a frozen one) is revised by update_rest."""
     torch.manual_seed(0)
     model = build_model("cnn", SPEC)
     frozen = next(model.parameters())
     frozen.requires_grad_(False)
-    whole = RevisionModel(model, rate=1.0, decay=0.999, backend="reference")
-    split = RevisionModel(model, rate=1.0, decay=0.999, backend="reference")
+    whole = RevisionModel(model, rate=1.0, decay=0.999, backend="reference", bn=bn)
+    split = RevisionModel(model, rate=1.0, decay=0.999, backend="reference", bn=bn)
     model.train()
     with torch.no_grad():
         for q in model.parameters():

@@ -75,6 +75,18 @@ def test_each_method_writes_a_complete_run_directory(tmp_path, method, capsys, t
         assert 0 < float(rows[0]["kept_fraction"]) < 1
     else:
         assert float(rows[0]["kept_fraction"]) == 1.0
+    # The loss terms: CE and beta * KL for TRADES-style methods, gamma * L_CR and the revision model's
+    # training-batch accuracy for CURE; empty where a method has no such term.
+    for row in rows:
+        trades_style = method in ("trades", "cure")
+        for key in ("loss_ce", "loss_kl"):
+            assert (row[key] != "") == trades_style, key
+        assert (row["loss_cr"] != "") == has_revision and (row["rev_train_nat_acc"] != "") == has_revision
+        if trades_style:
+            terms = float(row["loss_ce"]) + float(row["loss_kl"]) + (float(row["loss_cr"]) if has_revision else 0.0)
+            assert terms == pytest.approx(float(row["train_loss"]), rel=1e-4)
+        if has_revision:
+            assert 0 <= float(row["rev_train_nat_acc"]) <= 100 and float(row["loss_cr"]) >= 0
     printed = capsys.readouterr().out
     assert "Nat" in printed and "PGD-20" in printed and "NRR" in printed
     assert ("revision" in printed.split("Nat")[-1]) == has_revision
