@@ -992,6 +992,9 @@ def results_table(summary: dict[str, Any]) -> str:
         f"best = highest {summary['selection']} (epoch {summary['best_epoch']}); "
         f"best - last PGD-20: {summary.get('delta_pgd20_acc', float('nan')):+.2f}"
     )
+    if summary.get("mean_kept_fraction", 1.0) < 1.0:
+        lines.append(f"RGP mask: kept {100 * summary['mean_kept_fraction']:.1f} % of the gradient entries "
+                     f"(mean over the CURE epochs)")
     return "\n".join(lines)
 
 

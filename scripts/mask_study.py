@@ -14,7 +14,10 @@ Runs are separate ``cure train`` processes, ``--jobs`` at a time with ``--thread
 saves ``last.pt`` every ``--checkpoint-every`` steps, and running the script again resumes unfinished runs
 (``--resume``) and skips finished ones. Outputs: ``results/mask_study_<dataset>_<arch>.md`` (table,
 commands, notes), ``.csv`` (one row per run) and ``.png`` (validation curves, mean over seeds); the
-per-run figures of ``cure plot`` for the first seed go to ``results/mask_study_<dataset>_<arch>/``.
+per-run figures of ``cure plot`` for the first seed go to ``results/mask_study_<dataset>_<arch>/``, and
+every finished run's ``metrics.csv`` and ``summary.json`` to ``results/mask_study_<dataset>_<arch>/runs/``
+(small files, so curves can be checked later). A run counts as collapsed when its validation natural
+accuracy falls by more than 20 points between two consecutive epochs.
 """
 
 from __future__ import annotations
@@ -57,6 +60,19 @@ def _display(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
+COLLAPSE_POINTS = 20.0  # a fall of validation Nat larger than this between two epochs is a collapse
+
+
+def pretrain_dir(args: argparse.Namespace) -> Path:
+    return args.pretrain_dir if getattr(args, "pretrain_dir", None) else args.runs / "pretrain_st"
+
+
+def variants(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
+    """The VARIANTS named by ``--variants`` (all when not given), in VARIANTS' order."""
+    names = getattr(args, "variants", None)
+    return [v for v in VARIANTS if names is None or v[1] in names]
+
+
 def pretrain_command(args: argparse.Namespace) -> list[str]:
     return [
         "cure", "train", "--method", "st", "--dataset", args.dataset, "--arch", args.arch,
@@ -64,15 +80,16 @@ def pretrain_command(args: argparse.Namespace) -> list[str]:
         *(["--train-samples", str(args.pretrain_samples)] if args.pretrain_samples else []),
         *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
         "--eval-samples", str(args.eval_samples), "--eval-attacks", "nat,pgd20", "--seed", "0",
-        "--data-seed", str(args.data_seed), "--out", _display(args.runs / "pretrain_st"),
+        "--data-seed", str(args.data_seed), "--out", _display(pretrain_dir(args)),
     ]  # fmt: skip
 
 
 def run_command(args: argparse.Namespace, extra: list[str], seed: int, out: Path) -> list[str]:
     return [
         "cure", "train", *extra, "--dataset", args.dataset, "--arch", args.arch,
-        "--init", _display(args.runs / "pretrain_st" / "last.pt"),
+        "--init", _display(pretrain_dir(args) / "last.pt"),
         "--epochs", str(args.epochs), "--train-samples", str(args.train_samples),
+        *(["--lr-milestones", args.lr_milestones] if getattr(args, "lr_milestones", None) else []),
         *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
         "--val-size", str(args.val_size), "--eval-samples", str(args.eval_samples),
         "--eval-attacks", "nat,pgd20", "--attack-steps", str(args.attack_steps),
@@ -108,9 +125,9 @@ def _launch(command: list[str], out: Path, threads: int) -> float:
 
 def run(args: argparse.Namespace) -> None:
     started = time.time()
-    pre = args.runs / "pretrain_st"
+    pre = pretrain_dir(args)
     _launch(pretrain_command(args), pre, args.threads)
-    jobs = [(seed, label, name, extra) for seed in args.seeds for label, name, extra in VARIANTS]
+    jobs = [(seed, label, name, extra) for seed in args.seeds for label, name, extra in variants(args)]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [
             pool.submit(_launch, run_command(args, extra, seed, args.runs / f"{name}_s{seed}"),
@@ -147,6 +164,25 @@ def _mean_spread(values: list[float]) -> str:
     return f"{statistics.fmean(values):.2f} ± {(max(values) - min(values)) / 2:.2f}"
 
 
+def max_drop(metrics: list[dict[str, str]], column: str = "val_nat_acc") -> float:
+    """The largest fall of ``column`` between two consecutive epochs (0 when it never falls)."""
+    values = [float(r[column]) for r in metrics if r.get(column) not in (None, "")]
+    return max([0.0] + [a - b for a, b in zip(values, values[1:])])
+
+
+def copy_run_files(args: argparse.Namespace, dest: Path) -> None:
+    """Every finished run's metrics.csv and summary.json into ``dest/<run>/``."""
+    import shutil
+
+    for seed in args.seeds:
+        for _, name, _ in variants(args):
+            run = args.runs / f"{name}_s{seed}"
+            if (run / "summary.json").is_file():
+                (dest / run.name).mkdir(parents=True, exist_ok=True)
+                for file in ("metrics.csv", "summary.json"):
+                    shutil.copyfile(run / file, dest / run.name / file)
+
+
 def _finished(args: argparse.Namespace, name: str) -> list[int]:
     return [seed for seed in args.seeds if (args.runs / f"{name}_s{seed}" / "summary.json").is_file()]
 
@@ -154,11 +190,12 @@ def _finished(args: argparse.Namespace, name: str) -> list[int]:
 def collect(args: argparse.Namespace) -> list[dict]:
     rows = []
     for seed in args.seeds:
-        for label, name, _ in VARIANTS:
+        for label, name, _ in variants(args):
             run = args.runs / f"{name}_s{seed}"
             if not (run / "summary.json").is_file():
                 continue  # not finished: listed under the table (--table-only renders partial studies)
             s = json.loads((run / "summary.json").read_text())
+            drop = max_drop(_read_metrics(run))
             rows.append(
                 {
                     "method": label,
@@ -174,6 +211,8 @@ def collect(args: argparse.Namespace) -> list[dict]:
                     "rev_last_nat": s.get("rev_last_nat_acc"),
                     "rev_last_pgd20": s.get("rev_last_pgd20_acc"),
                     "kept_fraction": s.get("mean_kept_fraction"),
+                    "max_val_nat_drop": drop,
+                    "collapsed": drop > COLLAPSE_POINTS,
                     "train_seconds": s["train_seconds"],
                 }
             )
@@ -198,7 +237,7 @@ def plot(args: argparse.Namespace, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for k, (label, name, _) in enumerate(VARIANTS):
+    for k, (label, name, _) in enumerate(variants(args)):
         colour = colours[k % len(colours)]
         seeds = _finished(args, name)
         if not seeds:
@@ -216,7 +255,7 @@ def plot(args: argparse.Namespace, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     ax = axes[2]
-    for k, (label, name, _) in enumerate(VARIANTS):
+    for k, (label, name, _) in enumerate(variants(args)):
         summaries = [
             json.loads((args.runs / f"{name}_s{s}" / "summary.json").read_text()) for s in _finished(args, name)
         ]
@@ -236,6 +275,12 @@ def plot(args: argparse.Namespace, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _collapsed(rows: list[dict]) -> str:
+    """'no', or the seeds whose validation Nat fell by more than COLLAPSE_POINTS (with the fall)."""
+    bad = [f"s{r['seed']} (-{r['max_val_nat_drop']:.1f})" for r in rows if r["collapsed"]]
+    return ", ".join(bad) if bad else ("no" if rows else "-")
 
 
 def render(args: argparse.Namespace, rows: list[dict]) -> str:
@@ -282,15 +327,16 @@ def render(args: argparse.Namespace, rows: list[dict]) -> str:
         f"eps/4, random start). NRR = 2 Nat Rob / (Nat + Rob).",
         "- Cells are mean ± half the range over the seeds that finished (column 'seeds'). 'kept' is the mean "
         "fraction of gradient entries the RGP mask let through (1 - p when no tensor has more than a fraction p of "
-        "exactly-zero scores).",
+        "exactly-zero scores). 'collapsed' lists the seeds whose validation Nat fell by more than "
+        f"{COLLAPSE_POINTS:.0f} points between two epochs (the largest fall in brackets).",
         "",
         "## Results (test accuracy, %)",
         "",
         "| method | seeds | Nat (last) | PGD-20 (last) | NRR (last) | Nat (best) | PGD-20 (best) | best epoch "
-        "| PGD-20 best - last | revision Nat | revision PGD-20 | kept |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| PGD-20 best - last | revision Nat | revision PGD-20 | kept | collapsed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for label, name, _ in VARIANTS:
+    for label, name, _ in variants(args):
         rs = [r for r in rows if r["run"] == name]
 
         def col(key, rs=rs):
@@ -304,9 +350,11 @@ def render(args: argparse.Namespace, rows: list[dict]) -> str:
             f"| {_mean_spread(col('best_pgd20'))} | {', '.join(str(e) for e in col('best_epoch'))} "
             f"| {_mean_spread(col('best_minus_last_pgd20'))} | {_mean_spread(col('rev_last_nat'))} "
             f"| {_mean_spread(col('rev_last_pgd20'))} "
-            f"| {'-' if not kept else f'{100 * statistics.fmean(kept):.1f} %'} |"
+            f"| {'-' if not kept else f'{100 * statistics.fmean(kept):.1f} %'} "
+            f"| {_collapsed(rs)} |"
         )
-    missing = [f"{name}_s{seed}" for seed in args.seeds for _, name, _ in VARIANTS if seed not in _finished(args, name)]
+    missing = [f"{name}_s{seed}" for seed in args.seeds for _, name, _ in variants(args)
+               if seed not in _finished(args, name)]
     if missing:
         lines += ["", f"Not finished when this table was made (left out): {', '.join(missing)}."]
     stem = args.output.stem
@@ -314,7 +362,8 @@ def render(args: argparse.Namespace, rows: list[dict]) -> str:
         "",
         f"Per run: `{stem}.csv`. Figures: `{stem}.png` (validation curves, mean over seeds; test Nat vs "
         f"PGD-20), and `cure plot` of the seed-{args.seeds[0]} runs in `{stem}/` (curves, revision vs "
-        "trained, per-layer kept fraction and gradient prominence).",
+        "trained, loss terms, per-layer kept fraction and gradient prominence). Every run's `metrics.csv` "
+        f"(per epoch, with the loss terms) and `summary.json`: `{stem}/runs/`.",
         "",
         "## Commands",
         "",
@@ -326,7 +375,7 @@ def render(args: argparse.Namespace, rows: list[dict]) -> str:
     lines += [
         shlex.join(run_command(args, extra, seed, args.runs / f"{name}_s{seed}"))
         for seed in args.seeds
-        for _, name, extra in VARIANTS
+        for _, name, extra in variants(args)
     ]
     lines += ["```", ""]
     notes = args.notes.read_text().strip() if args.notes and args.notes.is_file() else ""
@@ -355,6 +404,10 @@ def main() -> None:
     parser.add_argument("--step-size", type=float, default=0.025)
     parser.add_argument("--batch-size", type=int, default=None, help="default: the trainer's (128)")
     parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--variants", type=lambda s: s.split(","), default=None,
+                        help=f"comma-separated subset of {','.join(v[1] for v in VARIANTS)} (default: all)")
+    parser.add_argument("--lr-milestones", default=None, help="passed to every adversarial run")
+    parser.add_argument("--pretrain-dir", type=Path, default=None, help="default: RUNS/pretrain_st")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     args = parser.parse_args()
@@ -378,7 +431,9 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from cure.plots import plot_runs
 
-    plot_runs([args.runs / f"{name}_s{args.seeds[0]}" for _, name, _ in VARIANTS], args.output.with_suffix(""))
+    first = [args.runs / f"{name}_s{args.seeds[0]}" for _, name, _ in variants(args)]
+    plot_runs([run for run in first if (run / "metrics.csv").is_file()], args.output.with_suffix(""))
+    copy_run_files(args, args.output.with_suffix("") / "runs")
     args.output.write_text(render(args, rows))
     print(args.output.read_text())
 

@@ -44,6 +44,12 @@ def test_tiny_study_writes_table_csv_and_figures_and_skips_finished_runs(tmp_pat
     assert output.with_suffix(".png").stat().st_size > 10_000
     assert (output.with_suffix("") / "curves.png").is_file()
     assert (output.with_suffix("") / "layers_cure_s0.png").is_file()
+    assert (output.with_suffix("") / "losses_cure_s0.png").is_file()
+    for r in records:  # every run's metrics and summary beside the table; the collapse flag per run
+        for file in ("metrics.csv", "summary.json"):
+            assert (output.with_suffix("") / "runs" / f"{r['run']}_s0" / file).is_file()
+        assert r["collapsed"] in ("True", "False") and float(r["max_val_nat_drop"]) >= 0
+    assert all(row.split("|")[-2].strip() in ("no",) or row.split("|")[-2].strip().startswith("s0") for row in rows)
     # Second call: nothing retrained, the same table.
     again = _run("--runs", str(runs), "--output", str(output), *TINY)
     assert again.returncode == 0, again.stderr
