@@ -683,6 +683,16 @@ def _list_blocks(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``cure ...``; a reader that closes the pipe early (``cure presets | head``) ends it quietly."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # Python flushes stdout again at exit; point it at devnull so that flush cannot raise too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"] and "--list-blocks" in argv:  # needs no --out: answered before parsing

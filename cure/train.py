@@ -1120,6 +1120,7 @@ def _train(cfg, out, resume, overwrite, stop_after_step, echo, sync_bn, dist: Di
                     f"images, {trainer.steps_per_epoch} steps/epoch, {cfg.epochs} epochs, device "
                     f"{trainer.device}"
                     + (f", {dist.world_size} processes" if dist.enabled else "")
+                    + (f", revision model BatchNorm '{cfg.revision_bn}'" if cfg.uses_revision else "")
                     + (f", resuming at epoch {trainer.state.epoch + 1} batch {trainer.state.batch}" if resume else ""),
                     flush=True,
                 )

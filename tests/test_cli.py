@@ -369,3 +369,22 @@ def test_official_evaluation_protocol_on_the_command_line(tmp_path, capsys):
     assert record["eval_protocol"] == "ours" and record["attack_settings"]["cw"]["steps"] == 30
     code, err = _exit_code([*argv, "--eval-protocol", "theirs"], capsys)
     assert code == 2 and "invalid choice: 'theirs'" in err
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    """`cure presets | head -1`: the reader is gone before the output is written; no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "cure", "presets"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the command has written anything
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=300)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert proc.returncode == 141
+
+
+@pytest.mark.parametrize("flag", ["-p", "--p", "--conserve-fraction"])
+def test_the_conserved_fraction_has_three_spellings(flag):
+    from cure.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--method", "cure", "--out", "x", flag, "0.4"])
+    assert args.p == 0.4
