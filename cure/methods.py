@@ -395,7 +395,7 @@ def _start_selection(ctx: StepContext) -> tuple[torch.cuda.Stream, Tensor, Tenso
     so ``side`` first waits for everything queued on main so far; the selection kernels then run on
     ``side`` while the caller queues ``loss.backward()`` on main. That backward pass writes ``.grad`` (the
     masker's update buffers) and never the captured buffers, which nothing writes again before main has
-    waited for ``side`` (the next step's capture zeroes them on main, after that wait): no race. Main
+    waited for ``side`` (the next step's zero_grad zeroes them on main, after that wait): no race. Main
     waits for ``side`` once, on the device; the host never waits.
 
     Memory (the caching allocator reuses a freed block at once for later allocations on the stream that
@@ -529,7 +529,7 @@ def cure_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
     finally:
         if selection is not None:
             # Main waits for the selection (on the device) once the last backward pass is queued; also when
-            # that pass raised, so that nothing queued on main later (the next step's capture zeroing the
+            # that pass raised, so that nothing queued on main later (the next step's zero_grad zeroing the
             # captured buffers) can overtake the side stream's reads.
             torch.cuda.current_stream(masker.params[0].device).wait_stream(selection[0])
     # Data-parallel: one packed all-reduce of the three gradients, the BatchNorm buffers and the loss.

@@ -97,12 +97,16 @@ class ProminenceMasker:
         return self._views["update"]
 
     def zero_grad(self) -> None:
-        """Zero the update gradients and make every ``param.grad`` a view of the flat buffer again.
+        """Zero the three gradients (update, natural and adversarial) and make every ``param.grad`` a view
+        of the flat update buffer again.
 
         Use this instead of ``optimizer.zero_grad()``, whose default (``set_to_none=True``) drops the views.
+        Like ``.grad``, the captured gradients accumulate over backward passes (micro-batches) until this
+        is called.
         """
-        for buf in self.buffers["update"].values():
-            buf.zero_()
+        for kind in ("update", "nat", "adv"):
+            for buf in self.buffers[kind].values():
+                buf.zero_()
         for q, view in zip(self.params, self._views["update"]):
             q.grad = view
 
@@ -110,8 +114,10 @@ class ProminenceMasker:
     def capture(self, kind: str) -> Iterator[None]:
         """Route the gradients of backward passes inside the block into the ``kind`` buffers.
 
-        ``kind`` is "nat" (the natural cross-entropy) or "adv" (the adversarial cross-entropy). The
-        buffers are zeroed on entry; ``param.grad`` is restored on exit, also when the block raises.
+        ``kind`` is "nat" (the natural cross-entropy) or "adv" (the adversarial cross-entropy). Gradients
+        add to what the buffers hold, as backward passes add to ``.grad``: several captures of the same
+        kind (gradient accumulation over micro-batches) sum, and :meth:`zero_grad` clears them.
+        ``param.grad`` is restored on exit, also when the block raises.
 
         A backward pass without ``create_graph`` accumulates into the buffers in place. With
         ``create_graph=True`` autograd accumulates out of place (``param.grad`` becomes a new tensor
@@ -120,8 +126,6 @@ class ProminenceMasker:
         """
         if kind not in ("nat", "adv"):
             raise ValueError(f"kind must be 'nat' or 'adv', got {kind!r}")
-        for buf in self.buffers[kind].values():
-            buf.zero_()
         saved = [q.grad for q in self.params]
         views = self._views[kind]
         for q, view in zip(self.params, views):
@@ -136,6 +140,7 @@ class ProminenceMasker:
                 for view, got in zip(views, current):
                     # Autograd accumulates in place into an existing .grad, unless grad mode is on during the
                     # backward (create_graph=True) or something replaced .grad: then keep its values.
+                    # (Autograd's out-of-place accumulation gives view + gradient: the sum, like in place.)
                     if got is not None and got.data_ptr() != view.data_ptr():
                         view.copy_(got)
 

@@ -126,8 +126,8 @@ def test_capture_restores_grad_when_the_backward_raises():
                 loss_nat.backward(create_graph=create_graph)  # ... then this raises
         for q, view, before in zip(params, masker.updates, updates):
             assert q.grad is view and torch.equal(q.grad, before)
-        for got, expected in zip(masker.grads_adv, g_rob):
-            torch.testing.assert_close(got, expected)
+        for got, expected in zip(masker.grads_adv, g_rob):  # the captures accumulate: one more each time
+            torch.testing.assert_close(got, expected * (1 + int(create_graph)))
 
 
 def test_backend_is_checked_at_construction():
@@ -143,3 +143,41 @@ def test_backend_is_checked_at_construction():
 def test_numpy_scalars_are_accepted():
     masker = ck.ProminenceMasker(nn.Linear(2, 2).parameters(), alpha=np.float32(0.1), p=np.float32(0.3))
     assert masker.p == float(np.float32(0.3)) and type(masker.alpha) is float
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_captures_accumulate_over_micro_batches_until_zero_grad(create_graph):
+    """Gradient accumulation: two micro-batches captured one after the other hold the sum of their gradients
+    (bit for bit the sum of the separate gradients on the CPU, like .grad), for all three kinds;
+    zero_grad clears all three."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    params = list(model.parameters())
+    batches = [(torch.randn(4, 6), torch.randint(0, 3, (4,))) for _ in range(2)]
+    noise = [torch.randn(4, 6) * 0.1 for _ in range(2)]
+
+    def losses(i):
+        x, y = batches[i]
+        nat, adv = model(x), model(x + noise[i])
+        loss_nat, loss_rob = F.cross_entropy(nat, y), F.cross_entropy(adv, y)
+        return loss_nat, loss_rob, loss_nat + 2.0 * loss_rob
+
+    separate = {k: [] for k in ("nat", "adv", "update")}
+    for i in range(2):
+        for kind, loss in zip(("nat", "adv", "update"), losses(i)):
+            separate[kind].append(torch.autograd.grad(loss, params, retain_graph=True))
+    masker = ck.ProminenceMasker(params, alpha=0.1, p=0.3)
+    masker.zero_grad()
+    for i in range(2):
+        loss_nat, loss_rob, loss = losses(i)
+        with masker.capture("nat"):
+            loss_nat.backward(retain_graph=True, create_graph=create_graph)
+        with masker.capture("adv"):
+            loss_rob.backward(retain_graph=True, create_graph=create_graph)
+        loss.backward()
+    for kind, got in (("nat", masker.grads_nat), ("adv", masker.grads_adv), ("update", [q.grad for q in params])):
+        for g, a, b in zip(got, *separate[kind]):
+            assert torch.equal(g.detach(), a + b), kind
+    masker.zero_grad()
+    for t in [*masker.grads_nat, *masker.grads_adv, *masker.updates]:
+        assert not t.any()
