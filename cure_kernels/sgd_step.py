@@ -205,6 +205,18 @@ def rgp_sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], grads_nat: 
     weight_decay = check_nonnegative("weight_decay", weight_decay)
     if mask_mode not in MASK_MODES:
         raise ValueError(f"mask_mode must be 'grad' or 'update', got {mask_mode!r}")
+    if momentum_buffers is not None and not isinstance(momentum_buffers, Tensor):
+        momentum_buffers = list(momentum_buffers)
+        missing = [i for i, b in enumerate(momentum_buffers) if b is None]
+        if missing:
+            raise ValueError(
+                f"momentum_buffers[{missing[0]}] is None ({len(missing)} of {len(momentum_buffers)} are): "
+                f"torch.optim.SGD creates its buffers in its first step, so optimizer.state has none before it. "
+                f"Create them as zeros once, before the first step: `for q in params: "
+                f"optimizer.state[q]['momentum_buffer'] = torch.zeros_like(q)`, and pass "
+                f"[optimizer.state[q]['momentum_buffer'] for q in params]; the first step then gives buf = d, "
+                f"as SGD's first step does"
+            )
     names = ["grads", "grads_nat", "grads_adv", "params", "momentum_buffers"]
     lists: list[object] = [grads, grads_nat, grads_adv, params, momentum_buffers]
     if revision is not None:

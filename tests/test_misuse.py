@@ -397,3 +397,13 @@ def test_auto_on_cuda_is_triton_then_the_cuda_kernels_then_the_reference(monkeyp
     assert backends.auto_backend(torch.device("cpu")) == "cpu"
     monkeypatch.setattr(backends, "PROBE", dataclasses.replace(probe, extension_error="not built"))
     assert backends.auto_backend(torch.device("cpu")) == "reference"
+
+
+def test_a_missing_momentum_buffer_says_how_to_create_it():
+    """optimizer.state has no buffer before torch's SGD first steps; passing its None says what to do."""
+    q = torch.nn.Parameter(torch.randn(5))
+    opt = torch.optim.SGD([q], lr=0.1, momentum=0.9)
+    g = torch.randn(5)
+    with pytest.raises(ValueError, match=r"momentum_buffers\[0\] is None .*torch.zeros_like"):
+        ck.rgp_sgd_step_([q.detach()], [g], [g.clone()], [g.clone()], [opt.state[q].get("momentum_buffer")],
+                         lr=0.1, momentum=0.9, weight_decay=0.0, alpha=0.1, p=0.3)
