@@ -272,8 +272,13 @@ def prepare_output_dir(out: str | Path, *, resume: bool, overwrite: bool) -> Pat
         return out
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
+    # A run that never saved a checkpoint (it failed to start, or stopped inside its first epoch) left at
+    # most its configuration and TensorBoard events: nothing to resume, so a rerun replaces them.
+    unstarted = out.is_dir() and all(
+        p.name in ("config.json", "tensorboard") or p.suffix == ".tmp" for p in out.iterdir()
+    )
     if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
+        if not overwrite and not unstarted:
             raise ConfigError(
                 f"--out {out} already exists and is not empty; add --resume to continue that run "
                 f"or --overwrite to replace it"
@@ -1100,11 +1105,12 @@ def _train(cfg, out, resume, overwrite, stop_after_step, echo, sync_bn, dist: Di
             f"--init {cfg.init} does not exist (expected a checkpoint such as DIR/last.pt of "
             f"`cure train --method st`)"
         )
-    if dist.is_main:
-        atomic_write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", out / "config.json")
-
     try:
+        # Data, model and --init load first: a run that cannot start leaves nothing in ``out`` (a rerun
+        # with the problem fixed needs neither --resume nor --overwrite).
         trainer = _Trainer(cfg, out, resume_state=state, dist=dist, sync_bn=sync_bn)
+        if dist.is_main:
+            atomic_write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", out / "config.json")
         writer = None
         if dist.is_main:
             from torch.utils.tensorboard import SummaryWriter

@@ -293,3 +293,27 @@ def test_run_state_round_trips_through_a_checkpoint_section():
     del sections["trainer"]["epoch_seconds"]
     with pytest.raises(CheckpointError, match="epoch_seconds"):
         RunState.from_checkpoint(sections, torch.device("cpu"))
+
+
+def test_a_run_that_cannot_start_leaves_no_dead_end(tmp_path, tiny):
+    """An --init of another architecture fails before anything is written into --out; the corrected rerun
+    needs neither --resume nor --overwrite. A directory that holds only an unstarted run's config.json (what
+    earlier versions left) is taken over the same way."""
+    from tiny_runs import write_checkpoint
+
+    wrong = write_checkpoint(tmp_path / "wrong" / "last.pt", seed=0, arch="resnet20")
+    right = write_checkpoint(tmp_path / "right" / "last.pt", seed=0, arch="cnn")
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="resnet20"):
+        train(tiny(method="cure", init=str(wrong), epochs=1), out, echo=False)
+    assert not out.exists() or not any(out.iterdir())
+    assert train(tiny(method="cure", init=str(right), epochs=1), out, echo=False) is not None
+    # The earlier layout: config.json alone.
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text("{}\n")
+    assert train(tiny(method="st", epochs=1), old, echo=False) is not None
+    assert json.loads((old / "config.json").read_text())["method"] == "st"
+    # A finished run is still protected.
+    with pytest.raises(ConfigError, match="already exists and is not empty"):
+        train(tiny(method="st", epochs=1), old, echo=False)
