@@ -104,6 +104,7 @@ def test_unknown_arch_lists_choices():
     not (data.DEBIAN_FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
     reason="Debian's dataset-fashion-mnist is not installed",
 )
+@pytest.mark.learning
 def test_cnn_learns_fashion_mnist_in_one_short_epoch():
     torch.manual_seed(0)
     x, y = data.deterministic_subset(*data.load_split("fashion-mnist", None, train=True), 12000, seed=0)
