@@ -1,6 +1,6 @@
 """A study where the RGP mask bites: Fashion-MNIST, ResNet-20, AT/TRADES/MART/CURE and CURE's ablations.
 
-    .venv/bin/python scripts/mask_study.py                  # the committed study (about 1.5 h on 2 cores)
+    .venv/bin/python scripts/mask_study.py                  # the committed study (about 3 h on 2 cores)
     .venv/bin/python scripts/mask_study.py --table-only     # re-render table and figures from --runs
 
 Protocol: one natural pre-training (``--method st``) on the full training split is shared; from it, every
@@ -392,7 +392,7 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true", help="re-render from --runs; no training")
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--arch", default="resnet20")
-    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1])
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     parser.add_argument("--pretrain-epochs", type=int, default=1)
     parser.add_argument("--pretrain-samples", type=int, default=None, help="default: the full split")
     parser.add_argument("--pretrain-val-size", type=int, default=1000)
