@@ -443,19 +443,39 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             existing = json.loads(path.read_text())
         except json.JSONDecodeError:
             existing = {}
-    existing[args.checkpoint.name] = {
-        "norm": norm,
-        "eps": eps,
-        "test_images": int(len(labels)),
-        "attacks": list(args.attacks),
-        "eval_protocol": protocol,
-        "attack_settings": attack_settings(tuple(args.attacks), eps, protocol),
-        "seed": args.seed,
-        **results,
-    }
+    settings = {"norm": norm, "eps": eps, "test_images": int(len(labels)), "eval_protocol": protocol,
+                "seed": args.seed}
+    existing[args.checkpoint.name] = merge_eval_entry(
+        existing.get(args.checkpoint.name), settings, list(args.attacks),
+        attack_settings(tuple(args.attacks), eps, protocol), results,
+    )
     atomic_write_text(json.dumps(existing, indent=2) + "\n", path)
     print(f"results written to {path}")
     return 0
+
+
+def merge_eval_entry(old: dict[str, Any] | None, settings: dict[str, Any], attacks: list[str],
+                     settings_per_attack: dict[str, dict], results: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """One checkpoint's entry of eval.json after a new evaluation: results merge per model and attack into
+    the earlier ones measured under the same settings (norm, eps, test images, protocol, seed); an entry
+    measured under other settings is kept whole under ``"earlier"`` (never mixed, never dropped)."""
+    from cure.train import nrr
+
+    entry: dict[str, Any] = dict(old or {})
+    if entry and any(entry.get(k) != v for k, v in settings.items() if k in entry):
+        earlier = entry.pop("earlier", [])
+        entry = {"earlier": [*earlier, entry]}
+    entry.update(settings)
+    entry["attacks"] = list(dict.fromkeys([*entry.get("attacks", []), *attacks]))
+    entry["attack_settings"] = {**entry.get("attack_settings", {}), **settings_per_attack}
+    for which, row in results.items():
+        merged = {**entry.get(which, {}), **row}
+        if "nat_acc" in merged:  # every NRR from the merged accuracies
+            for rob, key in (("pgd20", "nrr"), ("cw", "nrr_cw"), ("aa", "nrr_aa")):
+                if f"{rob}_acc" in merged:
+                    merged[key] = nrr(merged["nat_acc"], merged[f"{rob}_acc"])
+        entry[which] = merged
+    return entry
 
 
 def _presets() -> int:

@@ -36,9 +36,10 @@ place (so checkpoints and resume are unchanged). The buffers are created as zero
 zero buffer the op's first step gives buf = momentum * 0 + d = d, which is what PyTorch's first step
 copies in. Mask mode "update" freezes the whole update of a conserved entry inside the same op. The
 revision draw u and the warmed-up decay d_t are taken before the op (in ``--revision-bn ema`` the
-revision model's BatchNorm statistics follow in a small separate update after it). ST, AT, TRADES and the no-mask ablation step
-with ``torch.optim.SGD(fused=True)`` (the ablation has no prominence gradients to give the op, and the
-fused SGD is already one multi-tensor kernel); its revision runs through :func:`cure_kernels.revise_`.
+revision model's BatchNorm statistics follow in a small separate update after it). ST, AT, TRADES and
+the no-mask ablation step with ``torch.optim.SGD(fused=True)`` (the ablation has no prominence gradients
+to give the op, and the fused SGD is already one multi-tensor kernel); its revision runs through
+:func:`cure_kernels.revise_`.
 
 Overlap on CUDA: the selection half of that op (every tensor's threshold, from the captured natural and
 adversarial gradients only) does not depend on the last backward pass. A single-process CUDA run with a

@@ -20,6 +20,7 @@ from cure.config import (
     resolve_config_with_sources,
     scale_milestones,
 )
+from cure.train import nrr
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = [
@@ -148,6 +149,18 @@ def test_train_eval_and_resume_through_the_command_line(tmp_path, capsys):
 
     code, err = _exit_code(["eval", "--checkpoint", str(out / "last.pt"), "--attacks", "nat,fgsm"], capsys)
     assert code == 2 and "unknown attack 'fgsm'" in err
+    # A second evaluation with another attack merges into the entry: nothing earlier is dropped.
+    argv = ["eval", "--checkpoint", str(out / "last.pt"), "--eval-samples", "16", "--device", "cpu", "--no-progress"]
+    assert main([*argv, "--attacks", "cw", "--which", "both"]) == 0
+    merged = json.loads((out / "eval.json").read_text())["last.pt"]
+    assert merged["attacks"] == ["nat", "pgd20", "cw"]
+    assert merged["model"]["pgd20_acc"] == model["pgd20_acc"] and "cw_acc" in merged["model"]
+    assert merged["model"]["nrr_cw"] == pytest.approx(nrr(nat, merged["model"]["cw_acc"]))
+    # Other settings (here fewer test images) keep the earlier entry whole under "earlier".
+    assert main([*argv[:4], "8", *argv[5:], "--attacks", "nat"]) == 0
+    latest = json.loads((out / "eval.json").read_text())["last.pt"]
+    assert latest["test_images"] == 8 and latest["attacks"] == ["nat"]
+    assert latest["earlier"][0]["model"] == merged["model"] and latest["earlier"][0]["test_images"] == 16
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"junk")
     code, err = _exit_code(["eval", "--checkpoint", str(bad)], capsys)
