@@ -164,51 +164,60 @@ def _title_and_layout(fig, title: str) -> None:
 
 
 def _plot_curves(runs: list[Run], out: Path) -> Path:
+    """Validation Nat and PGD-20 (revision model dashed, selected epoch starred), training accuracies and
+    the learning rate; a panel is drawn only when some run has data for it."""
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    panels = (
-        (axes[0, 0], "val_nat_acc", "rev_val_nat_acc", "validation natural accuracy"),
-        (axes[0, 1], "val_pgd20_acc", "rev_val_pgd20_acc", "validation PGD-20 accuracy"),
-    )
-    for k, run in enumerate(runs):
-        colour = colours[k % len(colours)]
-        epoch = run.metrics["epoch"]
-        for ax, col, rev_col, _ in panels:
-            if run.has(col):
-                ax.plot(epoch, run.metrics[col], "-o", ms=3, color=colour, label=run.label)
-                if run.best_epoch is not None and run.best_epoch in epoch:
-                    i = int(np.flatnonzero(epoch == run.best_epoch)[0])
-                    ax.plot(
-                        [run.best_epoch], [run.metrics[col][i]], "*", ms=14, color=colour, markeredgecolor="black"
-                    )
-            if run.has(rev_col):
-                ax.plot(epoch, run.metrics[rev_col], "--", color=colour, label=f"{run.name}: revision model")
-        ax = axes[1, 0]
-        if run.has("train_nat_acc"):
-            ax.plot(epoch, run.metrics["train_nat_acc"], "-", color=colour, label=f"{run.name}: natural")
-        if run.has("train_adv_acc"):
-            ax.plot(epoch, run.metrics["train_adv_acc"], ":", color=colour, lw=2, label=f"{run.name}: adversarial")
-        if run.has("lr"):
-            axes[1, 1].plot(epoch, run.metrics["lr"], "-", color=colour, label=run.label)
-    for ax, _, _, title in panels:
-        ax.set_title(title + " (star: selected best epoch)")
-        ax.set_ylabel("accuracy (%)")
-    axes[1, 0].set_title("training accuracy on the training batches")
-    axes[1, 0].set_ylabel("accuracy (%)")
-    axes[1, 1].set_title("learning rate (at each epoch's last step)")
-    axes[1, 1].set_ylabel("learning rate")
-    lrs = np.concatenate([r.metrics["lr"] for r in runs if r.has("lr")] or [np.array([])])
-    lrs = lrs[np.isfinite(lrs)]
-    if lrs.size and lrs.min() > 0 and lrs.max() / lrs.min() > 20:
-        axes[1, 1].set_yscale("log")
-    for ax in axes.flat:
+    panels = [
+        (kind, title)
+        for kind, title, columns in (
+            ("val_nat_acc", "validation natural accuracy (star: selected best epoch)", ("val_nat_acc",)),
+            ("val_pgd20_acc", "validation PGD-20 accuracy (star: selected best epoch)", ("val_pgd20_acc",)),
+            ("train", "accuracy on the training batches", ("train_nat_acc", "train_adv_acc")),
+            ("lr", "learning rate (at each epoch's last step)", ("lr",)),
+        )
+        if any(run.has(c) for run in runs for c in columns)
+    ]
+    if not panels:
+        raise PlotError("no run has validation, training or learning-rate columns with values in metrics.csv")
+    ncols = 1 if len(panels) == 1 else 2
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4.2 * nrows + 0.5), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.remove()
+    for (kind, title), ax in zip(panels, axes.flat):
+        for k, run in enumerate(runs):
+            colour = colours[k % len(colours)]
+            epoch = run.metrics["epoch"]
+            if kind in ("val_nat_acc", "val_pgd20_acc"):
+                if run.has(kind):
+                    ax.plot(epoch, run.metrics[kind], "-o", ms=4, color=colour, label=run.label)
+                    if run.best_epoch is not None and run.best_epoch in epoch:
+                        i = int(np.flatnonzero(epoch == run.best_epoch)[0])
+                        ax.plot([run.best_epoch], [run.metrics[kind][i]], "*", ms=14, color=colour,
+                                markeredgecolor="black")
+                if run.has("rev_" + kind):
+                    ax.plot(epoch, run.metrics["rev_" + kind], "--s", ms=4, color=colour,
+                            label=f"{run.name}: revision model")
+            elif kind == "train":
+                if run.has("train_nat_acc"):
+                    ax.plot(epoch, run.metrics["train_nat_acc"], "-o", ms=4, color=colour, label=f"{run.name}: natural")
+                if run.has("train_adv_acc"):
+                    ax.plot(epoch, run.metrics["train_adv_acc"], ":^", ms=4, lw=2, color=colour,
+                            label=f"{run.name}: adversarial")
+            elif run.has("lr"):
+                ax.plot(epoch, run.metrics["lr"], "-o", ms=4, color=colour, label=run.label)
+        ax.set_title(title)
+        ax.set_ylabel("learning rate" if kind == "lr" else "accuracy (%)")
         ax.set_xlabel("epoch")
+        _integer_epochs(ax)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.legend(fontsize=7)
+        if kind == "lr":
+            lrs = np.concatenate([r.metrics["lr"] for r in runs if r.has("lr")])
+            lrs = lrs[np.isfinite(lrs)]
+            if lrs.size and lrs.min() > 0 and lrs.max() / lrs.min() > 20:
+                ax.set_yscale("log")
     _title_and_layout(fig, _title(runs))
     path = out / "curves.png"
     fig.savefig(path, dpi=110)
@@ -229,6 +238,7 @@ def _plot_revision(run: Run, out: Path, stem: str) -> Path:
             ax.plot(epoch, run.metrics["rev_" + col], "--s", ms=3, label="revision model")
         ax.set_title(f"validation {title}")
         ax.set_xlabel("epoch")
+        _integer_epochs(ax)
         ax.set_ylabel("NRR (%)" if col == "val_nrr" else "accuracy (%)")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

@@ -76,3 +76,25 @@ def test_directory_without_metrics_fails_with_a_clear_message(tmp_path, capsys):
     (empty / "metrics.csv").write_text("")
     with pytest.raises(PlotError, match="no epoch rows"):
         load_run(empty)
+
+
+def test_curves_leave_out_panels_without_data(tmp_path):
+    """A run whose metrics.csv has validation columns only gets the two validation panels (one row), not
+    four panels with two of them empty."""
+    import csv
+
+    full = write_run_dir(tmp_path / "full", revision=False)
+    sparse = tmp_path / "sparse"
+    sparse.mkdir()
+    with open(full / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(sparse / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["epoch", "val_nat_acc", "val_pgd20_acc"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    heights = {}
+    for run in (full, sparse):
+        out = tmp_path / f"fig_{run.name}"
+        plot_runs([run], out)
+        heights[run.name] = mpimg.imread(out / "curves.png").shape[0]
+    assert heights["sparse"] < 0.6 * heights["full"]
