@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["NORMS", "LOSSES", "pgd", "trades_pgd", "mart_pgd", "margin_loss"]
+__all__ = ["NORMS", "LOSSES", "L2_RADII", "default_radius", "pgd", "trades_pgd", "mart_pgd", "margin_loss"]
 
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "cw")
@@ -265,3 +265,20 @@ def mart_pgd(
     """
     return pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, norm=norm, loss="ce",
                random_start="gaussian", generator=generator)
+
+
+#: L2 radius per dataset (inputs in [0, 1]) when norm is "l2" and eps is not given; step eps / 4.
+#: 32x32 RGB: the RobustBench / TRADES L2 convention 0.5; Fashion-MNIST: our choice 1.5 (module docstring).
+L2_RADII: dict[str, float] = {"cifar10": 0.5, "cifar100": 0.5, "svhn": 0.5, "fashion-mnist": 1.5}
+
+
+def default_radius(dataset: str, norm: str) -> tuple[float, float]:
+    """(eps, step size) of the dataset's usual threat model in ``norm``: the L-inf ones of
+    :data:`cure.data.DATASETS`, or :data:`L2_RADII` with step eps / 4."""
+    from cure.data import DATASETS
+
+    if norm == "l2":
+        eps = L2_RADII[dataset]
+        return eps, eps / 4
+    spec = DATASETS[dataset]
+    return spec.eps, spec.step_size

@@ -433,7 +433,7 @@ def format_table(result: CKAResult) -> str:
 
 def run(args) -> int:
     """``cure analyze cka``: compare the checkpoints, print the table, write the files."""
-    from cure.train import select_device
+    from cure.device import select_device
 
     result = compare_checkpoints(
         args.a,

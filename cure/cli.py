@@ -335,7 +335,7 @@ def _open_checkpoint(args: argparse.Namespace, parser: argparse.ArgumentParser):
     argparse-style errors for a bad device or checkpoint and for --which revision without one."""
     from cure.checkpoint import CheckpointError, load_checkpoint
     from cure.config import TrainConfig
-    from cure.train import select_device
+    from cure.device import select_device
 
     try:
         device = select_device(args.device)

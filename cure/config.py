@@ -53,6 +53,11 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+# The threat model's defaults live with the attacks, the evaluation protocols with the evaluation; both
+# are re-exported here for the configuration's users (neither module imports this one).
+from cure.attacks import L2_RADII, default_radius
+from cure.evaluation import EVAL_PROTOCOLS
+
 __all__ = [
     "METHODS",
     "MASK_MODES",
@@ -79,10 +84,6 @@ MASK_MODES = ("grad", "update")
 REVISION_BN_MODES = ("batch", "ema")
 LR_SCHEDULES = ("piecewise", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
-#: How the attacks of the evaluation are run (see cure.evaluation): "ours" (PGD-20 in 20 steps of eps/4,
-#: C&W in 30 steps of eps/4 on the unclamped margin) or "official" (the official code's test.py and
-#: utilities/adv_utils.py: steps of 0.003, C&W margin clamped at kappa = 50, 20 steps each).
-EVAL_PROTOCOLS = ("ours", "official")
 
 #: beta, the weight of the KL term, per method: (value, source). :func:`resolve_config` sets it for the
 #: run's method on every dataset unless beta is given explicitly; a method without a row keeps the
@@ -545,23 +546,6 @@ def resolve_config_with_sources(
     _norm_defaults(values, overrides, sources)
     cfg = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()})
     return cfg.validate(), sources
-
-
-#: L2 radius per dataset (inputs in [0, 1]) when norm is "l2" and eps is not given; step eps / 4.
-#: 32x32 RGB: the RobustBench / TRADES L2 convention 0.5; Fashion-MNIST: our choice 1.5 (module docstring).
-L2_RADII: dict[str, float] = {"cifar10": 0.5, "cifar100": 0.5, "svhn": 0.5, "fashion-mnist": 1.5}
-
-
-def default_radius(dataset: str, norm: str) -> tuple[float, float]:
-    """(eps, step size) of the dataset's usual threat model in ``norm``: the L-inf ones of
-    :data:`cure.data.DATASETS`, or :data:`L2_RADII` with step eps / 4."""
-    from cure.data import DATASETS
-
-    if norm == "l2":
-        eps = L2_RADII[dataset]
-        return eps, eps / 4
-    spec = DATASETS[dataset]
-    return spec.eps, spec.step_size
 
 
 def _norm_defaults(values: dict[str, Any], overrides: dict[str, Any], sources: dict[str, str]) -> None:

@@ -48,7 +48,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from cure.attacks import pgd
-from cure.config import EVAL_PROTOCOLS
 from cure.data import DatasetSpec
 
 __all__ = [
@@ -66,6 +65,10 @@ __all__ = [
 ]
 
 ATTACKS = ("nat", "pgd20", "pgd100", "cw", "aa")
+#: How the attacks of the evaluation are run: "ours" (PGD-20 in 20 steps of eps/4, C&W in 30 steps of
+#: eps/4 on the unclamped margin) or "official" (the official code's test.py and utilities/adv_utils.py:
+#: steps of 0.003, C&W margin clamped at kappa = 50, 20 steps each).
+EVAL_PROTOCOLS = ("ours", "official")
 PGD_STEPS = {"pgd20": 20, "pgd100": 100}
 CW_STEPS = 30
 #: The official evaluation (test.py, utilities/adv_utils.py): absolute step, C&W steps and confidence.
@@ -230,7 +233,7 @@ def evaluate(
     if norm not in ("linf", "l2"):
         raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
     if eps is None:
-        from cure.config import default_radius
+        from cure.attacks import default_radius
 
         eps = default_radius(spec.name, norm)[0] if norm == "l2" else spec.eps
     eps = float(eps)

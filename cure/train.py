@@ -65,6 +65,7 @@ from cure.checkpoint import (
     restore_rng,
 )
 from cure.config import RESUMABLE_OVERRIDES, ConfigError, TrainConfig, default_radius
+from cure.device import select_device
 from cure.distributed import DistributedContext, all_reduce_sum_, broadcast_object
 from cure.evaluation import attack_settings, nrr
 from cure.layer_stats import LayerStats, write_layer_stats
@@ -244,17 +245,6 @@ class TrainingError(RuntimeError):
 
 # ------------------------------------------------------------------------------------------------
 # Small helpers
-def select_device(name: str) -> torch.device:
-    """The device for ``name``: "auto" is CUDA when available, else CPU; "cuda" without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was requested but torch sees no CUDA GPU; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {name!r}")
-    return torch.device(name)
-
-
 def derived_seed(seed: int, *tags: Any) -> int:
     """A 63-bit seed derived from ``seed`` and tags, identical in every process (unlike ``hash``)."""
     digest = hashlib.sha256(repr((seed,) + tags).encode()).digest()
