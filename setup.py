@@ -28,9 +28,10 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-#: The oldest nvcc the CUDA kernels are built with: they need C++17 and the bfloat16 conversions of
-#: cuda_bf16.h (CUDA 11.0), and the default architecture list includes sm_89 and sm_90 (CUDA 11.8).
-MIN_NVCC = (11, 8)
+#: The oldest nvcc the CUDA kernels are built with: they pass their launch tables as one ``__grid_constant__``
+#: kernel argument of about 14 KB, and kernel arguments above 4 KB need CUDA 12.1 (before it the limit is
+#: 4,096 bytes); they also need C++17, cuda_bf16.h and the sm_89/sm_90 targets (older releases).
+MIN_NVCC = (12, 1)
 #: Default GPU architectures: data-centre and workstation GPUs from Ampere on (the kernels' dtypes
 #: include bfloat16); the last one kept also gets PTX, so newer GPUs can JIT-compile it.
 DEFAULT_ARCHS = ("8.0", "8.6", "8.9", "9.0")
@@ -75,7 +76,7 @@ def check_nvcc_version(version: tuple[int, int] | None, home: str) -> None:
                            f"point CUDA_HOME at a CUDA toolkit or set CURE_SKIP_CUDA_BUILD=1")
     if version < MIN_NVCC:
         need = ".".join(map(str, MIN_NVCC))
-        raise RuntimeError(f"the CUDA kernels need nvcc {need} or newer (C++17, cuda_bf16.h, sm_89/sm_90 targets); "
+        raise RuntimeError(f"the CUDA kernels need nvcc {need} or newer (kernel arguments larger than 4 KB); "
                            f"{home} has nvcc {version[0]}.{version[1]}. Point CUDA_HOME at CUDA {need}+ or set "
                            f"CURE_SKIP_CUDA_BUILD=1 to build the CPU kernels only")
 

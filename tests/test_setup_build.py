@@ -50,11 +50,11 @@ def test_nvcc_version_parsing_and_minimum(setup_py):
     assert parse(text) == (13, 0)
     assert parse("Cuda compilation tools, release 11.8, V11.8.89") == (11, 8)
     assert parse("command not found") is None
-    assert setup_py["MIN_NVCC"] == (11, 8)
-    check((11, 8), "/usr/local/cuda")
+    assert setup_py["MIN_NVCC"] == (12, 1)  # the ~14 KB __grid_constant__ launch tables (> 4 KB: CUDA 12.1)
+    check((12, 1), "/usr/local/cuda")
     check((13, 0), "/usr/local/cuda")
-    with pytest.raises(RuntimeError, match=r"need nvcc 11\.8 or newer.*has nvcc 11\.7.*CURE_SKIP_CUDA_BUILD=1"):
-        check((11, 7), "/opt/cuda-11.7")
+    with pytest.raises(RuntimeError, match=r"need nvcc 12\.1 or newer.*has nvcc 12\.0.*CURE_SKIP_CUDA_BUILD=1"):
+        check((12, 0), "/opt/cuda-12.0")
     with pytest.raises(RuntimeError, match="could not read the version"):
         check(None, "/opt/cuda")
 
