@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cure_kernels.triton_rgp_mask import flatten_tensors, load_float32, scatter_back
+from cure_kernels.triton_rgp_mask import flatten_tensors, load_float32, on_tensor_device, scatter_back
 
 __all__ = ["revise_triton"]
 
@@ -54,6 +54,7 @@ def _revise_kernel(rev_ptr, par_ptr, numel, decay, keep, BLOCK: tl.constexpr):
     tl.store(rev_ptr + offs, round_from_float32(rd + qk, rev_ptr.dtype.element_ty), mask=m)
 
 
+@on_tensor_device
 def revise_triton(revision: list[Tensor], params: list[Tensor], decay: float) -> None:
     """``revision[i] <- f32(decay)*revision[i] + f32(1 - decay)*params[i]`` in place, for every i.
 

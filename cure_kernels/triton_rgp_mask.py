@@ -60,9 +60,11 @@ on the device.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -680,6 +682,34 @@ class _Group:
 _plans: OrderedDict[tuple, tuple[_Group, ...]] = OrderedDict()
 
 
+def device_context(device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device(device)`` for a CUDA device (Triton launches on the *current* device's current
+    stream, so tensors on ``cuda:1`` while ``cuda:0`` is current would fault), a no-op otherwise."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def on_tensor_device(fn: Callable) -> Callable:
+    """Run a Triton entry point with the device of its first tensor argument current (its first argument
+    is a list of tensors, the others on the same device: the public ops check that)."""
+
+    @functools.wraps(fn)
+    def wrapper(tensors, *args, **kwargs):
+        if not tensors:
+            return fn(tensors, *args, **kwargs)
+        with device_context(tensors[0].device):
+            return fn(tensors, *args, **kwargs)
+
+    return wrapper
+
+
+def _stream_key(device: torch.device) -> int:
+    """The current stream of ``device`` (CUDA), 0 elsewhere: plans are cached per stream, so that a table
+    is only ever read on the stream that allocated it. When the cache evicts and frees it, the caching
+    allocator can hand its memory out again only to later work on that same stream, ordered after every
+    kernel that read it (a table shared with a side stream could be reused while that stream still reads)."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
 def _interpolation(n: int, p: float) -> tuple[int, int, float, float, bool]:
     """Ranks k, k+1 and the float32 weights of numpy's 'linear' quantile for n elements."""
     if n == 0:
@@ -736,11 +766,13 @@ def _build_group(members: list[int], sizes: list[int], p: float, device: torch.d
 
 
 def plan_groups(updates: Sequence[Tensor], p: float) -> tuple[_Group, ...]:
-    """The dtype groups of a call and their device tables, cached per (device, p, dtypes, sizes)."""
+    """The dtype groups of a call and their device tables, cached per (device, current stream, p, dtypes,
+    sizes); see :func:`_stream_key`."""
     device = updates[0].device
     dtypes = tuple(u.dtype for u in updates)
     sizes = [u.numel() for u in updates]
-    key = (device, p, dtypes, tuple(sizes), BRACKET_MIN, SAMPLE_TILE, SAMPLE_TILES, CAND_FRACTION, BLOCK)
+    key = (device, _stream_key(device), p, dtypes, tuple(sizes), BRACKET_MIN, SAMPLE_TILE, SAMPLE_TILES,
+           CAND_FRACTION, BLOCK)
     plan = _plans.get(key)
     if plan is not None:
         _plans.move_to_end(key)
@@ -860,6 +892,7 @@ def _mask_group(group: _Group, updates: list[Tensor], grads_nat: list[Tensor], g
         scatter_back(upd, updates)
 
 
+@on_tensor_device
 def rgp_mask_triton(updates: list[Tensor], grads_nat: list[Tensor], grads_adv: list[Tensor], alpha: float,
                     p: float) -> tuple[Tensor, Tensor, Tensor]:
     """Zero, in place, the entries of each ``updates[i]`` whose score is below its p-quantile (docs/method.md).
@@ -886,6 +919,7 @@ def rgp_mask_triton(updates: list[Tensor], grads_nat: list[Tensor], grads_adv: l
     return thresholds, kept, nonfinite
 
 
+@on_tensor_device
 def rgp_select_triton(grads_nat: list[Tensor], grads_adv: list[Tensor], alpha: float, p: float
                       ) -> tuple[Tensor, Tensor]:
     """The selection of :func:`rgp_mask_triton` alone (no mask pass): ``(thresholds float32[T],

@@ -50,6 +50,7 @@ from cure_kernels.triton_rgp_mask import (
     chunk_bounds,
     flat_view,
     flatten_tensors,
+    on_tensor_device,
     plan_groups,
     scatter_back,
     score_keys,
@@ -246,6 +247,7 @@ def _step_group(group: _Group, lists: list[list[Tensor]], nat: Tensor, adv: Tens
             scatter_back(flat, tensors)
 
 
+@on_tensor_device
 def rgp_sgd_step_triton(params: list[Tensor], grads: list[Tensor], grads_nat: list[Tensor],
                         grads_adv: list[Tensor], momentum_buffers: list[Tensor], revision: list[Tensor],
                         lr: float, momentum: float, weight_decay: float, alpha: float, p: float,

@@ -8,6 +8,7 @@ tiny tensors, a tensor spanning several blocks) is still here.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import struct
@@ -425,10 +426,15 @@ def test_flat_view_detects_back_to_back_views_only():
     assert triton_rgp_mask.flat_view([torch.empty(0)]) is None
 
 
+def k_stream(key) -> int:
+    return key[1]
+
+
 def test_tables_are_cached_per_layout():
     updates, nat, adv = _inputs("random", [5, 9], torch.float32, 0, DEVICES[0])
     ck.rgp_mask_(updates, nat, adv, alpha=0.1, p=0.25, backend="triton")
-    key = next(k for k in reversed(triton_rgp_mask._plans) if k[1] == 0.25)
+    key = next(k for k in reversed(triton_rgp_mask._plans) if k[2] == 0.25)
+    assert k_stream(key) == 0  # CPU tensors: no stream
     plan = triton_rgp_mask._plans[key]
     ck.rgp_mask_(updates, nat, adv, alpha=0.7, p=0.25, backend="triton")
     assert triton_rgp_mask._plans[key] is plan
@@ -632,3 +638,34 @@ def test_no_host_synchronisation_on_cuda():
         ck.revise_(updates, nat, decay=0.9, backend="triton")
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_every_triton_entry_point_launches_on_its_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: each entry point makes its tensors' device current first.
+    Checked without a GPU by recording the device the guard is entered with, and by the guard itself."""
+    from cure_kernels import triton_sgd_step
+
+    entered = []
+
+    def record(device):
+        entered.append(device)
+        return contextlib.nullcontext()
+
+    guard_of = triton_rgp_mask.device_context
+    monkeypatch.setattr(triton_rgp_mask, "device_context", record)
+    device = torch.device(DEVICES[0])
+    updates, nat, adv = _inputs("random", [5, 9], torch.float32, 0, DEVICES[0])
+    ck.rgp_mask_(updates, nat, adv, alpha=0.1, p=0.3, backend="triton")
+    ck.rgp_select(nat, adv, alpha=0.1, p=0.3, backend="triton")
+    params = [torch.randn(n, device=device) for n in (5, 9)]
+    bufs = [torch.zeros(n, device=device) for n in (5, 9)]
+    revs = [torch.randn(n, device=device) for n in (5, 9)]
+    ck.rgp_sgd_step_(params, updates, nat, adv, bufs, lr=0.1, momentum=0.9, weight_decay=0.0, alpha=0.1, p=0.3,
+                     revision=revs, decay=0.5, backend="triton")
+    ck.revise_(revs, params, decay=0.5, backend="triton")
+    assert entered == [device] * 4
+    assert triton_sgd_step.rgp_sgd_step_triton.__wrapped__ is not None  # the guard wraps the public entry
+    # The guard itself: the CUDA device context of the tensors' device (constructing it needs no GPU).
+    guard = guard_of(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(guard_of(torch.device("cpu")), contextlib.nullcontext)
