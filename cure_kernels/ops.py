@@ -219,11 +219,14 @@ def rgp_mask_(updates: Sequence[Tensor], grads_nat: Sequence[Tensor], grads_adv:
         alpha: weight of the natural gradient in the score, in [0, 1] (a Python or numpy scalar).
         p: fraction of entries to conserve per tensor, in [0, 1].
         backend: "auto" (:data:`cure_kernels.backends.AUTO_ORDER`: the C++ kernel on CPU; on CUDA Triton,
-            else the C++ CUDA kernel, else the reference), "reference", "cpu", "triton" or "cuda".
+            else the C++ CUDA kernel, else the torch backend, each checked once against the torch backend
+            before it is trusted, :mod:`cure_kernels.verify`), "reference", "cpu", "triton", "cuda" or "torch"
+            (PyTorch operations, any device, never synchronises).
 
     Returns:
-        :class:`MaskStats` on the tensors' device. The C++ backends never synchronise with the host;
-        Triton does on the first call for each set of tensor sizes, dtypes and ``p`` (it uploads its
+        :class:`MaskStats` on the tensors' device. The C++ backends and the torch backend never synchronise
+        with the host (``auto`` on CUDA once, for its check, on its first call per dtypes); Triton does on the
+        first call for each set of tensor sizes, dtypes and ``p`` (it uploads its
         tables; :mod:`cure_kernels.backends` says exactly when); the reference on every call.
     """
     alpha = check_fraction("alpha", alpha)
@@ -242,7 +245,8 @@ def revise_(revision: Sequence[Tensor], params: Sequence[Tensor], *, decay: floa
     In float32 with ``f32(decay)`` and ``f32(1 - decay)``, each product and the sum rounded separately,
     stored rounded to nearest-even. The revision tensors are written like :func:`rgp_mask_` writes its
     updates (checked first, no overlap among them, version counters bumped); a revision tensor may
-    alias its param. No backend but the reference synchronises with the host.
+    alias its param. No backend but the reference synchronises with the host (and ``auto`` on CUDA once, for
+    its check, on its first call per dtypes).
     """
     decay = check_fraction("decay", decay)
     revs, prms = check_tensor_lists(("revision", "params"), (revision, params))

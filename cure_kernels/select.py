@@ -86,10 +86,12 @@ def rgp_select(grads_nat: Sequence[Tensor], grads_adv: Sequence[Tensor], *, alph
         grads_nat, grads_adv: gradients of the natural and adversarial cross-entropy, one per parameter
             (equal shapes and dtypes per index; float32, bfloat16 or float16; one device).
         alpha: weight of the natural gradient in the score, in [0, 1]. p: conserved fraction, in [0, 1].
-        backend: "auto" (as :func:`cure_kernels.rgp_mask_` picks), "reference", "cpu", "triton" or "cuda".
+        backend: "auto" (as :func:`cure_kernels.rgp_mask_` picks), "reference", "cpu", "triton", "cuda" or
+            "torch".
 
-    The C++ backends never synchronise with the host; Triton only when it uploads its tables (the first
-    call per layout and ``p``, see :mod:`cure_kernels.backends`); the reference on every call. Every
+    The C++ backends and the torch backend never synchronise with the host; Triton only when it uploads its
+    tables (the first call per layout and ``p``, see :mod:`cure_kernels.backends`); the reference on every call
+    (and ``auto`` on CUDA once, for its check, on its first call per dtypes). Every
     launch goes to the current stream: inside ``torch.cuda.stream(side)`` the selection runs on ``side``.
     """
     alpha = check_fraction("alpha", alpha)

@@ -196,13 +196,15 @@ def rgp_sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], grads_nat: 
             copies of them with ``kept`` counted by the apply pass, and everything the op writes is bit for
             bit what the call without them writes. Computing them earlier, for example on a side CUDA
             stream while the last backward pass runs, leaves only the apply pass here (docs/method.md).
-        backend: "auto" (the C++ kernel on CPU tensors, Triton on CUDA tensors when Triton is available,
-            else the C++ CUDA kernel), "reference", "cpu", "triton" or "cuda".
+        backend: "auto" (the C++ kernel on CPU tensors; on CUDA tensors Triton when Triton is available, else
+            the C++ CUDA kernel, else the torch backend, each checked once against the torch backend before it
+            is trusted, :mod:`cure_kernels.verify`), "reference", "cpu", "triton", "cuda" or "torch".
 
     Returns:
         :class:`~cure_kernels.MaskStats` as :func:`cure_kernels.rgp_mask_` returns it, on the tensors'
-        device. The reference synchronises with the host; the C++ backends never do; Triton only when it
-        uploads its tables (see :mod:`cure_kernels.backends`).
+        device. The reference synchronises with the host; the C++ backends and the torch backend never do;
+        Triton only when it uploads its tables (see :mod:`cure_kernels.backends`); ``auto`` on CUDA once, for its
+        check, on its first call per dtypes.
     """
     alpha = check_fraction("alpha", alpha)
     p = check_fraction("p", p)
