@@ -89,7 +89,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--channels-last", action=B, default=None, help="channels-last memory format (default: on CUDA)"
     )
-    g.add_argument("--kernel-backend", help="cure_kernels backend: auto, reference, cpu, triton, cuda")
+    g.add_argument("--kernel-backend", help="cure_kernels backend: auto, reference, cpu, triton, cuda, torch")
     g.add_argument(
         "--checkpoint-every", type=int, help="also save last.pt every N steps (0: epoch ends only)"
     )

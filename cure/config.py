@@ -225,7 +225,7 @@ class TrainConfig:
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("mask_mode", self.mask_mode, MASK_MODES)
         _choice("device", self.device, DEVICES)
-        _choice("kernel_backend", self.kernel_backend, ("auto", "reference", "cpu", "triton", "cuda"))
+        _choice("kernel_backend", self.kernel_backend, ("auto", "reference", "cpu", "triton", "cuda", "torch"))
         _choice("eval_protocol", self.eval_protocol, EVAL_PROTOCOLS)
         if self.preset is not None:
             _choice("preset", self.preset, tuple(PRESETS))

@@ -15,6 +15,14 @@ When each backend synchronises the host with the device (waits for queued device
   pays it every step. ``revise_`` never synchronises.
 * ``cpu`` and ``cuda`` (the C++ ops): never. On CPU tensors everything runs on the calling thread
   anyway; the CUDA kernels take every table from the shapes and launch on the current stream.
+* ``torch`` (PyTorch operations, :mod:`cure_kernels.torch_backend`): never. Everything that depends on the
+  data stays on the device: the order statistics come from ``torch.kthvalue``, the interpolation and the
+  NaN rule are tensor operations, and the fused step's skip decision is a ``torch.where`` on a device
+  boolean; only ``p`` and the shapes (``h = (n - 1)*p``, ``k``, ``g``) are computed on the host.
+* ``backend="auto"`` on a device type of :data:`VERIFY_DEVICE_TYPES` (CUDA by default): once per device,
+  op and combination of dtypes, on the first call, it checks the backend it picks against the torch
+  backend (:mod:`cure_kernels.verify`); that check reads its results on the host, so that first call
+  synchronises once. Later calls only read the cached decision. ``CURE_KERNELS_VERIFY=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-BACKENDS = ("reference", "cpu", "triton", "cuda")
+BACKENDS = ("reference", "cpu", "triton", "cuda", "torch")
+PYTHON_BACKENDS = ("reference", "triton", "torch")  # registered from Python as cure::<op>_<backend>
 BUILD_COMMAND = "pip install --no-build-isolation -e .   (from the repository root)"
 CXX_OPS = ("rgp_mask", "revise", "rgp_sgd_step", "rgp_select")  # the C++ op names (csrc/cure_ops.cpp)
 
@@ -37,13 +46,46 @@ CXX_OPS = ("rgp_mask", "revise", "rgp_sgd_step", "rgp_select")  # the C++ op nam
 # * cuda: no measurement on a GPU exists yet, so this order is not a speed ranking. Triton comes first
 #   because it is tested bit for bit against the reference end to end (in Triton's interpreter), while
 #   the C++ CUDA kernels run here only in an emulation harness; the C++ CUDA kernels come next because,
-#   like Triton, they never synchronise with the host; the reference, which synchronises on every
-#   call, is the last resort. Revisit this row with bench/bench_mask.py on a GPU.
+#   like Triton, they never synchronise with the host; the torch backend (PyTorch operations, exact,
+#   slower, never synchronises either) is the last resort. The reference is not in the row: the torch
+#   backend runs wherever it does, returns the same bits (tests/test_torch_backend.py) and never waits
+#   for the device, where the reference waits on every call. Before trusting Triton or the CUDA kernels,
+#   "auto" checks them against the torch backend once per op and dtypes (cure_kernels.verify,
+#   VERIFY_DEVICE_TYPES below) and moves down the row on a mismatch. Revisit this row with
+#   bench/bench_mask.py on a GPU.
 # * any other device type: the reference (the only backend that runs there).
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu", "reference"),
-    "cuda": ("triton", "cuda", "reference"),
+    "cuda": ("triton", "cuda", "torch"),
 }
+
+
+def _verify_device_types(raw: str | None) -> frozenset[str]:
+    """The device types on which ``backend="auto"`` checks its choice, from ``CURE_KERNELS_VERIFY``:
+    unset or "1": CUDA only; "0": none; otherwise a comma-separated list of device types ("cuda,cpu")."""
+    if raw is None or raw.strip() == "1":
+        return frozenset({"cuda"})
+    if raw.strip() == "0":
+        return frozenset()
+    types = set()
+    for name in (part.strip() for part in raw.split(",")):
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            device = None
+        if device is None or device.index is not None:
+            raise ValueError(f"CURE_KERNELS_VERIFY={raw!r}: expected 0 (no check), 1 (check on CUDA, the default) "
+                             f"or a comma-separated list of device types such as 'cuda,cpu'; {name!r} is not a "
+                             f"device type")
+        types.add(device.type)
+    return frozenset(types)
+
+
+# Device types on which backend="auto" verifies the backend it picks before trusting it (cure_kernels.verify):
+# the first call of each op for each combination of dtypes runs the picked backend and the torch backend on a
+# small built-in problem, compares the results bit for bit and, on a difference or an exception, warns once and
+# moves down AUTO_ORDER's row. Read once, at import, from the environment variable CURE_KERNELS_VERIFY.
+VERIFY_DEVICE_TYPES: frozenset[str] = _verify_device_types(os.environ.get("CURE_KERNELS_VERIFY"))
 
 
 @dataclass(frozen=True)
@@ -96,8 +138,8 @@ def unavailable_reason(backend: str, device: torch.device, op: str = "rgp_mask")
 def _reason(backend: str, device: torch.device, op: str, name_others: bool) -> str | None:
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; choose one of 'auto', " + ", ".join(repr(b) for b in BACKENDS)
-    if backend == "reference":
-        return None
+    if backend in ("reference", "torch"):
+        return None  # PyTorch operations: wherever PyTorch runs (meta tensors are refused by the argument checks)
     if backend in ("cpu", "cuda"):
         if device.type != backend:
             return (f"backend {backend!r} runs on {backend.upper()} tensors, but the tensors are on {device}"
@@ -142,6 +184,35 @@ def resolve_backend(backend: str, device: torch.device, op: str = "rgp_mask") ->
     if reason is not None:
         raise ValueError(f"backend={backend!r} cannot run here: {reason}")
     return backend
+
+
+def resolved_backends(device: torch.device | str) -> dict[str, str]:
+    """The backend ``backend="auto"`` runs each op with on ``device``, for a trainer to print and record.
+
+    ``{op: backend}`` for the ops of :data:`CXX_OPS` ("rgp_mask", "revise", "rgp_sgd_step", "rgp_select").
+    Where "auto" checks its pick (:data:`VERIFY_DEVICE_TYPES`) the value is the checked decision; when the
+    decisions for several dtype combinations differ, it lists them ("cuda (bfloat16); triton (float32)"),
+    and before the op's first call it is the first candidate followed by " (not checked yet)".
+    """
+    from cure_kernels import verify  # (imports this module)
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and PROBE.cuda_device:
+        device = torch.device("cuda", torch.cuda.current_device())
+    out = {}
+    for op in CXX_OPS:
+        first = auto_backend(device, op)
+        if device.type not in VERIFY_DEVICE_TYPES:
+            out[op] = first
+            continue
+        made = {dtypes: name for (dev, o, dtypes), name in verify.decisions.items() if dev == str(device) and o == op}
+        if not made:
+            out[op] = first + ("" if first in verify.TRUSTED else " (not checked yet)")
+        elif len(set(made.values())) == 1:
+            out[op] = next(iter(made.values()))
+        else:
+            out[op] = "; ".join(f"{name} ({', '.join(dtypes)})" for dtypes, name in sorted(made.items()))
+    return out
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:

@@ -7,6 +7,8 @@ One op name per operation and backend family:
   registered here.
 * ``cure::rgp_mask_triton`` / ``cure::revise_triton`` -- Triton kernels (``triton_*.py``).
 * ``cure::rgp_mask_reference`` / ``cure::revise_reference`` -- the oracle (``reference.py``).
+* ``cure::rgp_mask_torch`` / ``cure::revise_torch`` -- PyTorch tensor operations on any device
+  (``torch_backend.py``): the oracle's results without its host round trip.
 
 Every op mutates its first tensor list in place and has a fake implementation, so the public
 functions work under ``torch.compile(fullgraph=True)``.
@@ -31,7 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from cure_kernels import backends, reference
+from cure_kernels import backends, reference, torch_backend, verify
 from cure_kernels.validation import check_fraction, check_tensor_lists
 
 __all__ = ["MaskStats", "rgp_mask_", "revise_", "available_backends"]
@@ -98,9 +100,21 @@ def _revise_triton(revision: list[Tensor], params: list[Tensor], decay: float) -
     revise_triton(revision, params, decay)
 
 
-for _op in (_rgp_mask_reference, _rgp_mask_triton):
+# --- torch ----------------------------------------------------------------------------------
+@torch.library.custom_op("cure::rgp_mask_torch", mutates_args=("updates",))
+def _rgp_mask_torch(updates: list[Tensor], grads_nat: list[Tensor], grads_adv: list[Tensor],
+                    alpha: float, p: float) -> tuple[Tensor, Tensor, Tensor]:
+    return torch_backend.rgp_mask_torch(updates, grads_nat, grads_adv, alpha, p)
+
+
+@torch.library.custom_op("cure::revise_torch", mutates_args=("revision",))
+def _revise_torch(revision: list[Tensor], params: list[Tensor], decay: float) -> None:
+    torch_backend.revise_torch(revision, params, decay)
+
+
+for _op in (_rgp_mask_reference, _rgp_mask_triton, _rgp_mask_torch):
     _op.register_fake(_rgp_mask_fake)
-for _op in (_revise_reference, _revise_triton):
+for _op in (_revise_reference, _revise_triton, _revise_torch):
     _op.register_fake(_revise_fake)
 
 # --- C++ (CPU and CUDA keys of one op name) -------------------------------------------------
@@ -146,26 +160,41 @@ for _name in backends.CXX_OPS:
 
 
 def backend_op(op: str, name: str):
-    """The registered op that runs ``op`` (``rgp_mask``, ``revise``, ``rgp_select``) on backend ``name``: the
-    Python-registered ``cure::<op>_reference`` / ``cure::<op>_triton``, else the C++ ``cure::<op>`` (which
-    dispatches to the CPU or CUDA kernel by device)."""
-    return getattr(torch.ops.cure, f"{op}_{name}" if name in ("reference", "triton") else op)
+    """The registered op that runs ``op`` (``rgp_mask``, ``revise``, ``rgp_select``, ``rgp_sgd_step``) on backend
+    ``name``: the Python-registered ``cure::<op>_<name>`` for :data:`~cure_kernels.backends.PYTHON_BACKENDS`,
+    else the C++ ``cure::<op>`` (which dispatches to the CPU or CUDA kernel by device)."""
+    return getattr(torch.ops.cure, f"{op}_{name}" if name in backends.PYTHON_BACKENDS else op)
 
 
 _warned_fallback: set[str] = set()
 
 
-def _resolve(backend: str, device: torch.device, op: str) -> str:
+def _resolve(backend: str, device: torch.device, op: str, tensors: Sequence[Tensor] = ()) -> str:
+    """The backend that runs ``op`` on ``device`` for ``tensors`` (any list of the call: its dtypes are the key
+    of the check): ``backend`` itself when it can run there (else a ``ValueError`` saying why); for "auto",
+    :func:`cure_kernels.backends.auto_backend`'s pick, checked first on the device types of
+    :data:`~cure_kernels.backends.VERIFY_DEVICE_TYPES` (:func:`cure_kernels.verify.verified_backend`)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__} {backend!r}")
-    name = backends.resolve_backend(backend, device, op)
-    if backend == "auto" and name == "reference" and device.type not in _warned_fallback:
-        _warned_fallback.add(device.type)
-        if not torch.compiler.is_compiling():
-            fast = [b for b in backends.AUTO_ORDER.get(device.type, ()) if b != "reference"]
-            why = "; ".join(f"{b}: {backends.unavailable_reason(b, device, op)}" for b in fast) or "none exists"
-            warnings.warn(f"cure_kernels: no fast backend for {device.type} tensors ({why}); using the "
-                          f"reference implementation, which synchronises with the host on every call",
+    if backend == "auto" and tensors and device.type in backends.VERIFY_DEVICE_TYPES:
+        dtypes = verify.dtypes_key(tensors)
+        if torch.compiler.is_compiling():
+            name = verify.verified_backend_constant(device, op, dtypes)
+        else:
+            name = verify.verified_backend(device, op, dtypes)
+    else:
+        name = backends.resolve_backend(backend, device, op)
+    if (backend == "auto" and name in verify.TRUSTED and device.type not in _warned_fallback
+            and not torch.compiler.is_compiling()):
+        fast = [b for b in backends.AUTO_ORDER.get(device.type, ()) if b not in verify.TRUSTED]
+        reasons = [(b, backends.unavailable_reason(b, device, op)) for b in fast]
+        if all(reason is not None for _, reason in reasons):  # (else the check turned a fast one down, and said so)
+            _warned_fallback.add(device.type)
+            why = "; ".join(f"{b}: {reason}" for b, reason in reasons) or "none exists"
+            what = ("the reference implementation, which synchronises with the host on every call"
+                    if name == "reference" else
+                    "the torch backend (PyTorch operations: exact and free of host synchronisation, but slower)")
+            warnings.warn(f"cure_kernels: no fast backend for {device.type} tensors ({why}); using {what}",
                           stacklevel=3)
     return name
 
@@ -190,17 +219,20 @@ def rgp_mask_(updates: Sequence[Tensor], grads_nat: Sequence[Tensor], grads_adv:
         alpha: weight of the natural gradient in the score, in [0, 1] (a Python or numpy scalar).
         p: fraction of entries to conserve per tensor, in [0, 1].
         backend: "auto" (:data:`cure_kernels.backends.AUTO_ORDER`: the C++ kernel on CPU; on CUDA Triton,
-            else the C++ CUDA kernel, else the reference), "reference", "cpu", "triton" or "cuda".
+            else the C++ CUDA kernel, else the torch backend, each checked once against the torch backend
+            before it is trusted, :mod:`cure_kernels.verify`), "reference", "cpu", "triton", "cuda" or "torch"
+            (PyTorch operations, any device, never synchronises).
 
     Returns:
-        :class:`MaskStats` on the tensors' device. The C++ backends never synchronise with the host;
-        Triton does on the first call for each set of tensor sizes, dtypes and ``p`` (it uploads its
+        :class:`MaskStats` on the tensors' device. The C++ backends and the torch backend never synchronise
+        with the host (``auto`` on CUDA once, for its check, on its first call per dtypes); Triton does on the
+        first call for each set of tensor sizes, dtypes and ``p`` (it uploads its
         tables; :mod:`cure_kernels.backends` says exactly when); the reference on every call.
     """
     alpha = check_fraction("alpha", alpha)
     p = check_fraction("p", p)
     ups, gns, gas = check_tensor_lists(("updates", "grads_nat", "grads_adv"), (updates, grads_nat, grads_adv))
-    name = _resolve(backend, ups[0].device if ups else torch.device("cpu"), "rgp_mask")
+    name = _resolve(backend, ups[0].device if ups else torch.device("cpu"), "rgp_mask", ups)
     if not ups:
         return MaskStats(*_mask_stats_like(ups))
     return MaskStats(*backend_op("rgp_mask", name)(ups, gns, gas, alpha, p))
@@ -213,10 +245,11 @@ def revise_(revision: Sequence[Tensor], params: Sequence[Tensor], *, decay: floa
     In float32 with ``f32(decay)`` and ``f32(1 - decay)``, each product and the sum rounded separately,
     stored rounded to nearest-even. The revision tensors are written like :func:`rgp_mask_` writes its
     updates (checked first, no overlap among them, version counters bumped); a revision tensor may
-    alias its param. No backend but the reference synchronises with the host.
+    alias its param. No backend but the reference synchronises with the host (and ``auto`` on CUDA once, for
+    its check, on its first call per dtypes).
     """
     decay = check_fraction("decay", decay)
     revs, prms = check_tensor_lists(("revision", "params"), (revision, params))
-    name = _resolve(backend, revs[0].device if revs else torch.device("cpu"), "revise")
+    name = _resolve(backend, revs[0].device if revs else torch.device("cpu"), "revise", revs)
     if revs:
         backend_op("revise", name)(revs, prms, decay)

@@ -40,7 +40,7 @@ class ProminenceMasker:
         params: the parameters to mask (those with ``requires_grad``; others are ignored).
         alpha: weight of the natural gradient in the score s = alpha*|g_nat| + (1-alpha)*|g_adv| (Eq. 6).
         p: conserved fraction: in every tensor, the p least prominent entries of the update are zeroed.
-        backend: passed to :func:`cure_kernels.rgp_mask_` ("auto", "reference", "cpu", "triton", "cuda");
+        backend: passed to :func:`cure_kernels.rgp_mask_` ("auto", "reference", "cpu", "triton", "cuda", "torch");
             checked here, against the parameters' device, so that a bad name fails now rather than at
             the first step.
     """

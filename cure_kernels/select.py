@@ -13,6 +13,7 @@ Ops, one per backend family as in :mod:`cure_kernels.ops`:
   CUDA selection kernels (stages 0-4 of ``rgp_mask_kernels.cuh``) under the CUDA key.
 * ``cure::rgp_select_triton`` -- the Triton selection (``triton_rgp_mask.select_thresholds``).
 * ``cure::rgp_select_reference`` -- :func:`cure_kernels.reference.rgp_select_reference`.
+* ``cure::rgp_select_torch`` -- :func:`cure_kernels.torch_backend.rgp_select_torch` (PyTorch operations).
 
 None writes its inputs (no version counter changes); each has a fake implementation, so
 :func:`rgp_select` works under ``torch.compile(fullgraph=True)``.
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from cure_kernels import backends, reference
+from cure_kernels import backends, reference, torch_backend
 from cure_kernels.ops import _resolve, backend_op
 from cure_kernels.validation import check_fraction, check_tensor_lists
 
@@ -59,7 +60,13 @@ def _rgp_select_triton(grads_nat: list[Tensor], grads_adv: list[Tensor], alpha: 
     return rgp_select_triton(grads_nat, grads_adv, alpha, p)
 
 
-for _op in (_rgp_select_reference, _rgp_select_triton):
+@torch.library.custom_op("cure::rgp_select_torch", mutates_args=())
+def _rgp_select_torch(grads_nat: list[Tensor], grads_adv: list[Tensor], alpha: float, p: float
+                      ) -> tuple[Tensor, Tensor]:
+    return torch_backend.rgp_select_torch(grads_nat, grads_adv, alpha, p)
+
+
+for _op in (_rgp_select_reference, _rgp_select_triton, _rgp_select_torch):
     _op.register_fake(_rgp_select_fake)
 if backends.PROBE.extension_error is None and hasattr(torch.ops.cure, "rgp_select"):
     torch.library.register_fake("cure::rgp_select")(_rgp_select_fake)
@@ -79,16 +86,18 @@ def rgp_select(grads_nat: Sequence[Tensor], grads_adv: Sequence[Tensor], *, alph
         grads_nat, grads_adv: gradients of the natural and adversarial cross-entropy, one per parameter
             (equal shapes and dtypes per index; float32, bfloat16 or float16; one device).
         alpha: weight of the natural gradient in the score, in [0, 1]. p: conserved fraction, in [0, 1].
-        backend: "auto" (as :func:`cure_kernels.rgp_mask_` picks), "reference", "cpu", "triton" or "cuda".
+        backend: "auto" (as :func:`cure_kernels.rgp_mask_` picks), "reference", "cpu", "triton", "cuda" or
+            "torch".
 
-    The C++ backends never synchronise with the host; Triton only when it uploads its tables (the first
-    call per layout and ``p``, see :mod:`cure_kernels.backends`); the reference on every call. Every
+    The C++ backends and the torch backend never synchronise with the host; Triton only when it uploads its
+    tables (the first call per layout and ``p``, see :mod:`cure_kernels.backends`); the reference on every call
+    (and ``auto`` on CUDA once, for its check, on its first call per dtypes). Every
     launch goes to the current stream: inside ``torch.cuda.stream(side)`` the selection runs on ``side``.
     """
     alpha = check_fraction("alpha", alpha)
     p = check_fraction("p", p)
     gns, gas = check_tensor_lists(("grads_nat", "grads_adv"), (grads_nat, grads_adv), written=())
-    name = _resolve(backend, gns[0].device if gns else torch.device("cpu"), "rgp_select")
+    name = _resolve(backend, gns[0].device if gns else torch.device("cpu"), "rgp_select", gns)
     if not gns:
         return _select_stats_like(gns)
     with torch.no_grad():  # the statistics are not differentiable, whatever the inputs

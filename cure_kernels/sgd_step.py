@@ -8,6 +8,8 @@ revision list is given, the revision update (paper Eq. 7). Backends:
   :func:`cure_kernels.reference.rgp_mask_reference` and the SGD/EMA formula in PyTorch operations.
 * ``cure::rgp_sgd_step_triton`` -- :mod:`cure_kernels.triton_sgd_step`: radix-select threshold, then one
   fused pass that writes the mask, the SGD update and the EMA.
+* ``cure::rgp_sgd_step_torch`` -- :func:`cure_kernels.torch_backend.rgp_sgd_step_torch`: the reference's
+  results in PyTorch operations on the device (no host round trip).
 
 Both are ``torch.library`` custom ops with fake implementations, so the public function works under
 ``torch.compile(fullgraph=True)``.
@@ -24,15 +26,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from cure_kernels import backends
-from cure_kernels.ops import MaskStats, _mask_stats_like, backend_op
+from cure_kernels import backends, torch_backend
+from cure_kernels.ops import MaskStats, _mask_stats_like, _resolve, backend_op
 from cure_kernels.reference import apply_mask_reference, rgp_mask_reference, rgp_scores
 from cure_kernels.validation import check_fraction, check_given_stats, check_nonnegative, check_tensor_lists
 
 __all__ = ["rgp_sgd_step_", "rgp_sgd_step_reference", "MASK_MODES", "SGD_STEP_BACKENDS"]
 
 MASK_MODES = ("grad", "update")
-SGD_STEP_BACKENDS = ("reference", "cpu", "triton", "cuda")
+SGD_STEP_BACKENDS = ("reference", "cpu", "triton", "cuda", "torch")
 
 
 def _f32(x: float) -> Tensor:
@@ -125,17 +127,22 @@ def _rgp_sgd_step_triton(params: list[Tensor], grads: list[Tensor], grads_nat: l
                                weight_decay, alpha, p, mask_mode, decay, skip, thresholds, nonfinite)
 
 
-for _op in (_rgp_sgd_step_reference, _rgp_sgd_step_triton):
+@torch.library.custom_op("cure::rgp_sgd_step_torch", mutates_args=_MUTATED)
+def _rgp_sgd_step_torch(params: list[Tensor], grads: list[Tensor], grads_nat: list[Tensor],
+                        grads_adv: list[Tensor], momentum_buffers: list[Tensor], revision: list[Tensor],
+                        lr: float, momentum: float, weight_decay: float, alpha: float, p: float,
+                        mask_mode: str, decay: float, skip: Tensor | None, thresholds: Tensor | None = None,
+                        nonfinite: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    return torch_backend.rgp_sgd_step_torch(params, grads, grads_nat, grads_adv, momentum_buffers, revision, lr,
+                                            momentum, weight_decay, alpha, p, mask_mode, decay, skip, thresholds,
+                                            nonfinite)
+
+
+for _op in (_rgp_sgd_step_reference, _rgp_sgd_step_triton, _rgp_sgd_step_torch):
     _op.register_fake(_stats_fake)
 # The C++ op (cure::rgp_sgd_step, csrc/cure_ops.cpp): CPU and CUDA kernels under one name.
 if backends.PROBE.extension_error is None:
     torch.library.register_fake("cure::rgp_sgd_step")(_stats_fake)
-
-
-def _resolve(backend: object, device: torch.device) -> str:
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, got {type(backend).__name__} {backend!r}")
-    return backends.resolve_backend(backend, device, "rgp_sgd_step")
 
 
 def rgp_sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], grads_nat: Sequence[Tensor],
@@ -189,13 +196,15 @@ def rgp_sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], grads_nat: 
             copies of them with ``kept`` counted by the apply pass, and everything the op writes is bit for
             bit what the call without them writes. Computing them earlier, for example on a side CUDA
             stream while the last backward pass runs, leaves only the apply pass here (docs/method.md).
-        backend: "auto" (the C++ kernel on CPU tensors, Triton on CUDA tensors when Triton is available,
-            else the C++ CUDA kernel), "reference", "cpu", "triton" or "cuda".
+        backend: "auto" (the C++ kernel on CPU tensors; on CUDA tensors Triton when Triton is available, else
+            the C++ CUDA kernel, else the torch backend, each checked once against the torch backend before it
+            is trusted, :mod:`cure_kernels.verify`), "reference", "cpu", "triton", "cuda" or "torch".
 
     Returns:
         :class:`~cure_kernels.MaskStats` as :func:`cure_kernels.rgp_mask_` returns it, on the tensors'
-        device. The reference synchronises with the host; the C++ backends never do; Triton only when it
-        uploads its tables (see :mod:`cure_kernels.backends`).
+        device. The reference synchronises with the host; the C++ backends and the torch backend never do;
+        Triton only when it uploads its tables (see :mod:`cure_kernels.backends`); ``auto`` on CUDA once, for its
+        check, on its first call per dtypes.
     """
     alpha = check_fraction("alpha", alpha)
     p = check_fraction("p", p)
@@ -237,7 +246,7 @@ def rgp_sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], grads_nat: 
                              f"~torch.isfinite(loss)), got {skip!r}")
         skip = skip.detach().reshape(())
     given = check_given_stats(thresholds, nonfinite, len(grs), device)
-    name = _resolve(backend, device)
+    name = _resolve(backend, device, "rgp_sgd_step", grs)
     if not grs:
         return MaskStats(*_mask_stats_like(grs))
     op = backend_op("rgp_sgd_step", name)

@@ -385,8 +385,8 @@ def test_numpy_nan_and_out_of_range_are_refused():
 
 # --- 6. what auto picks ----------------------------------------------------------------------------
 @pytest.mark.parametrize(("triton", "cuda_kernels", "expected"), [
-    (True, True, "triton"), (True, False, "triton"), (False, True, "cuda"), (False, False, "reference")])
-def test_auto_on_cuda_is_triton_then_the_cuda_kernels_then_the_reference(monkeypatch, triton, cuda_kernels, expected):
+    (True, True, "triton"), (True, False, "triton"), (False, True, "cuda"), (False, False, "torch")])
+def test_auto_on_cuda_is_triton_then_the_cuda_kernels_then_torch(monkeypatch, triton, cuda_kernels, expected):
     kernels = {(op, "CPU") for op in backends.CXX_OPS} | ({(op, "CUDA") for op in backends.CXX_OPS}
                                                          if cuda_kernels else set())
     probe = dataclasses.replace(backends.PROBE, extension_error=None, cxx_kernels=frozenset(kernels),

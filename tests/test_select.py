@@ -34,6 +34,7 @@ BLOCK = 4096  # triton_rgp_mask.BLOCK
 # Per backend, sizes it can afford (Triton's interpreter is slow): empty, 1, 2, a prime, one past a block;
 # the CPU kernels also a tensor above their bracket cutoff (65536).
 SIZES = {"reference": (0, 1, 2, 13, 257, BLOCK + 1), "cpu": (0, 1, 2, 13, 257, BLOCK + 1, 70001),
+         "torch": (0, 1, 2, 13, 257, BLOCK + 1, 70001),
          "triton": (0, 1, 2, 13, BLOCK + 1)}
 HYPER = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-3, "alpha": 0.1, "p": 0.3}
 
