@@ -887,6 +887,16 @@ def _load_on_rank0(path: Path, dist: DistributedContext) -> dict[str, Any]:
     return broadcast_object(load_checkpoint(path) if dist.is_main else None, dist)
 
 
+def kernel_backends(cfg: TrainConfig, device: torch.device) -> dict[str, str]:
+    """The backend each cure_kernels op runs with in this run: ``cfg.kernel_backend``, or for "auto" what it
+    resolved to on ``device`` (on CUDA, the backend that passed its check against the torch backend)."""
+    from cure_kernels import backends
+
+    if cfg.kernel_backend != "auto":
+        return dict.fromkeys(backends.CXX_OPS, cfg.kernel_backend)
+    return backends.resolved_backends(device)
+
+
 def _summary(trainer: _Trainer, results: dict[str, Any]) -> dict[str, Any]:
     cfg = trainer.cfg
     last_epoch, best_epoch = len(trainer.state.history), trainer.state.best["epoch"]
@@ -900,6 +910,8 @@ def _summary(trainer: _Trainer, results: dict[str, Any]) -> dict[str, Any]:
         "no_mask": cfg.no_mask,
         "no_revision": cfg.no_revision,
         "mask_mode": cfg.mask_mode,
+        "revision_bn": cfg.revision_bn if cfg.uses_revision else None,
+        "kernel_backends": kernel_backends(cfg, trainer.device),
         "warmup_epochs": cfg.warmup_epochs,
         "init": cfg.init,
         "reinit": list(cfg.reinit),
@@ -1120,6 +1132,9 @@ def _train(cfg, out, resume, overwrite, stop_after_step, echo, sync_bn, dist: Di
                     + (f", resuming at epoch {trainer.state.epoch + 1} batch {trainer.state.batch}" if resume else ""),
                     flush=True,
                 )
+                if cfg.method == "cure":
+                    ops = kernel_backends(cfg, trainer.device)
+                    print("[cure] kernels: " + ", ".join(f"{op} {name}" for op, name in ops.items()), flush=True)
             while trainer.state.epoch < cfg.epochs:
                 if trainer.state.batch < trainer.steps_per_epoch:
                     if not trainer.train_epoch(writer, stop_after_step):

@@ -87,7 +87,11 @@ def test_each_method_writes_a_complete_run_directory(tmp_path, method, capsys, t
             assert terms == pytest.approx(float(row["train_loss"]), rel=1e-4)
         if has_revision:
             assert 0 <= float(row["rev_train_nat_acc"]) <= 100 and float(row["loss_cr"]) >= 0
+    from cure_kernels.backends import CXX_OPS
+
+    assert set(on_disk["kernel_backends"]) == set(CXX_OPS) and on_disk["kernel_backends"]["rgp_sgd_step"] == "cpu"
     printed = capsys.readouterr().out
+    assert ("[cure] kernels: rgp_mask cpu" in printed) == has_revision
     assert "Nat" in printed and "PGD-20" in printed and "NRR" in printed
     assert ("revision" in printed.split("Nat")[-1]) == has_revision
 
