@@ -179,11 +179,14 @@ def test_consistency_loss_equals_the_formula_after_some_steps(monkeypatch):
 @pytest.mark.learning
 def test_short_cure_run_on_a_batchnorm_network_keeps_the_revision_model_close(tmp_path, tiny_config):
     """ResNet-20 (BatchNorm) from a natural model, two epochs of CURE at lr 0.1 (seed 1, the seed on which
-    the eval-mode revision model once collapsed): the revision model's validation accuracy stays within a
-    few points of the trained model's, and neither falls to chance.
+    the eval-mode revision model once collapsed): the revision model stays close to the trained model or
+    above it, and neither falls towards chance (10 %).
 
-    Measured (validation Nat of trained / revision model, epoch 1 and 2): 66.0 / 71.1 and 71.1 / 72.3 with 1
-    thread and the default CPU kernels; the thresholds below leave 10 points of margin."""
+    Measured, validation Nat of the trained / revision model after epoch 2 (and the revision model's
+    training-batch accuracy): 71.1 / 72.3 (77.2) with 1 thread and the AVX-512 kernels, 66.4 / 71.1 (77.2)
+    with 2 threads; 66.8 / 71.1 (76.3) and 56.3 / 69.9 (76.0) with ATEN_CPU_CAPABILITY=avx2 at 1 and 2
+    threads. The trained model's eval-mode accuracy moves most between CPUs (its running statistics lag
+    the lr-0.1 steps); every bound below keeps 9 points or more of margin to all four."""
     import csv
 
     from cure.train import train
@@ -200,6 +203,6 @@ def test_short_cure_run_on_a_batchnorm_network_keeps_the_revision_model_close(tm
         rows = list(csv.DictReader(f))
     last = rows[-1]
     nat, rev_nat = float(last["val_nat_acc"]), float(last["rev_val_nat_acc"])
-    assert nat > 60 and rev_nat > 60, (nat, rev_nat)
-    assert abs(nat - rev_nat) < 12, (nat, rev_nat)
-    assert float(last["rev_train_nat_acc"]) > 60
+    assert rev_nat > 60 and nat > 45, (nat, rev_nat)
+    assert rev_nat > nat - 10, (nat, rev_nat)  # the revision model is never far below the trained one
+    assert float(last["rev_train_nat_acc"]) > 65
