@@ -121,6 +121,6 @@ def test_cnn_learns_fashion_mnist_in_one_short_epoch():
         acc = (model(xt.float() / 255).argmax(1) == yt).float().mean().item()
     # Measured on one x86-64 machine: 84.2 % (1 thread) and 85.3 % (2 threads) with the AVX-512 kernels,
     # 83.6 % and 83.1 % (1 and 2 threads) with ATEN_CPU_CAPABILITY=avx2; another machine gave 79.8 % at 2
-    # threads. A seeded
-    # run moves by points between CPUs, so the bound sits well below all of them (chance is 10 %).
+    # threads. A seeded run moves by points between CPUs, so the bound sits well below all of them (chance
+    # is 10 %).
     assert acc > 0.75
