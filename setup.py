@@ -146,6 +146,7 @@ def extensions() -> list:
 if __name__ == "__main__":  # `python setup.py ...` and pip's setuptools backend; tests import the helpers
     setup(
         packages=find_packages(include=["cure_kernels", "cure_kernels.*", "cure", "cure.*"]),
+        package_data={"cure": ["py.typed"], "cure_kernels": ["py.typed"]},
         ext_modules=extensions(),
         cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     )

@@ -285,7 +285,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from cure.checkpoint import CheckpointError
     from cure.config import ConfigError, resolve_config
     from cure.data import DatasetCorruptError, DatasetNotFoundError
-    from cure.train import TrainingError, prepare_output_dir, resume_config, train
+    from cure.train import TrainingError, holds_a_run, prepare_output_dir, resume_config, train
 
     explicit = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG and v is not None}
     if args.out is None and (args.resume or not args.print_config):
@@ -308,8 +308,7 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 )
             # Under torchrun only rank 0 checks: it may already have written config.json when others look.
             later_rank = int(os.environ.get("RANK", "0") or 0) > 0
-            occupied = args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir()))
-            occupied = occupied and not later_rank
+            occupied = holds_a_run(args.out) and not later_rank
             if occupied and not args.overwrite:
                 raise ConfigError(
                     f"--out {args.out} already exists and is not empty; add --resume to continue that run "

@@ -251,6 +251,18 @@ def derived_seed(seed: int, *tags: Any) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+def holds_a_run(out: str | Path) -> bool:
+    """``out`` holds something a new run must not silently replace: anything but what a run that never saved
+    a checkpoint leaves (it failed to start, or stopped inside its first epoch: at most its configuration and
+    TensorBoard events, nothing to resume)."""
+    out = Path(out)
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        return True
+    return any(p.name not in ("config.json", "tensorboard") and p.suffix != ".tmp" for p in out.iterdir())
+
+
 def prepare_output_dir(out: str | Path, *, resume: bool, overwrite: bool) -> Path:
     """Check (and for ``overwrite`` clear) the run directory before any work starts."""
     out = Path(out)
@@ -262,13 +274,8 @@ def prepare_output_dir(out: str | Path, *, resume: bool, overwrite: bool) -> Pat
         return out
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
-    # A run that never saved a checkpoint (it failed to start, or stopped inside its first epoch) left at
-    # most its configuration and TensorBoard events: nothing to resume, so a rerun replaces them.
-    unstarted = out.is_dir() and all(
-        p.name in ("config.json", "tensorboard") or p.suffix == ".tmp" for p in out.iterdir()
-    )
     if out.is_dir() and any(out.iterdir()):
-        if not overwrite and not unstarted:
+        if not overwrite and holds_a_run(out):
             raise ConfigError(
                 f"--out {out} already exists and is not empty; add --resume to continue that run "
                 f"or --overwrite to replace it"

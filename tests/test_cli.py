@@ -92,14 +92,13 @@ def test_bad_arguments_exit_2_before_any_work(tmp_path, capsys, argv, message):
 def test_existing_output_needs_resume_or_overwrite(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.json").write_text("{}")
+    (out / "notes.txt").write_text("not ours")  # not a run's leftover: the directory is occupied
     code, err = _exit_code(["train", "--method", "st", "--out", str(out), *FAST], capsys)
     assert code == 2 and "already exists" in err and "--resume" in err and "--overwrite" in err
     code, err = _exit_code(["train", "--out", str(out), "--resume", *FAST], capsys)
     assert code == 2 and "last.pt" in err
     code, err = _exit_code(["train", "--out", str(out), "--resume", "--overwrite"], capsys)
     assert code == 2 and "contradict" in err
-    (out / "notes.txt").write_text("not ours")
     assert main(["train", "--method", "st", "--out", str(out), "--overwrite", *FAST]) == 0
     assert (out / "notes.txt").read_text() == "not ours" and (out / "summary.json").is_file()
     assert json.loads((out / "config.json").read_text())["method"] == "st"
@@ -401,3 +400,13 @@ def test_the_conserved_fraction_has_three_spellings(flag):
 
     args = build_parser().parse_args(["train", "--method", "cure", "--out", "x", flag, "0.4"])
     assert args.p == 0.4
+
+
+def test_a_failed_start_is_no_dead_end_on_the_command_line(tmp_path, capsys):
+    """An unstarted run's leftovers (config.json alone) do not block the rerun; a finished run does."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}\n")
+    assert main(["train", "--method", "st", "--out", str(out), *FAST]) == 0
+    code, err = _exit_code(["train", "--method", "st", "--out", str(out), *FAST], capsys)
+    assert code == 2 and "already exists and is not empty" in err
