@@ -1019,7 +1019,9 @@ def resume_config(
     """The saved configuration of the run in ``out``, with ``explicit`` values applied.
 
     Only the fields in :data:`cure.config.RESUMABLE_OVERRIDES` (device, data root, progress bars, checkpoint
-    and log intervals) may differ from the saved values; anything else would not be the same run.
+    and log intervals) may differ from the saved values; anything else would not be the same run. The one
+    exception is ``epochs``, which may grow: that extends the run (also a finished one); milestones
+    that were not given explicitly are recomputed for the new length (the trainer says so).
     """
     out = Path(out)
     if state is None:
@@ -1036,6 +1038,11 @@ def resume_config(
             raise ConfigError(f"unknown configuration field {key!r}")
         if key in RESUMABLE_OVERRIDES:
             setattr(saved, key, value)
+        elif key == "epochs" and value != saved.epochs:
+            if value < saved.epochs:
+                raise ConfigError(f"--resume --epochs {value}: the run in {out} was configured for {saved.epochs} "
+                                  f"epochs; a resumed run can be extended, not shortened")
+            saved.epochs = value
         elif (list(value) if isinstance(value, tuple) else value) != saved_values[key]:
             changed[key] = (saved_values[key], value)
     if changed:
@@ -1105,7 +1112,18 @@ def _train(cfg, out, resume, overwrite, stop_after_step, echo, sync_bn, dist: Di
     state = None
     if resume:
         state = broadcast_object(load_checkpoint(out / "last.pt") if dist.is_main else None, dist)
+        saved_epochs = int(state["config"]["epochs"])
         cfg = resume_config(out, None if cfg is None else cfg.to_dict(), state=state)
+        finished = int(state["progress"]["epoch"]) >= cfg.epochs
+        if finished and (out / "summary.json").is_file():
+            if echo:
+                print(f"[cure] {out} has finished its {cfg.epochs} epochs; nothing to do (pass --epochs N with "
+                      f"N > {cfg.epochs} to extend it)", flush=True)
+            return json.loads((out / "summary.json").read_text())
+        if cfg.epochs != saved_epochs and echo:
+            schedule = (f"lr milestones now at epochs {list(cfg.resolved_milestones())} (0-based)"
+                        if cfg.lr_schedule == "piecewise" else f"the {cfg.lr_schedule} schedule now spans them")
+            print(f"[cure] extending {out} from {saved_epochs} to {cfg.epochs} epochs; {schedule}", flush=True)
     else:
         cfg.validate()
     select_device(cfg.device)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from cure.checkpoint import CheckpointError, load_checkpoint
+from cure.config import ConfigError
 from cure.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,15 +67,38 @@ def test_resume_mid_epoch_is_exact(tmp_path, kw, tiny_config):
     _assert_same_run(tmp_path / "whole", tmp_path / "split")
 
 
-def test_resume_after_a_completed_epoch_and_of_a_finished_run(tmp_path, tiny_config):
+def test_resume_after_a_completed_epoch_and_of_a_finished_run(tmp_path, tiny_config, capsys):
     cfg = tiny_config(**RESUME, method="trades")
     train(cfg, tmp_path / "whole", echo=False)
     assert train(cfg, tmp_path / "split", stop_after_step=5, echo=False) is None
     assert load_checkpoint(tmp_path / "split" / "last.pt")["progress"]["batch"] == 0
     train(cfg, tmp_path / "split", resume=True, echo=False)
     _assert_same_run(tmp_path / "whole", tmp_path / "split")
-    summary = train(None, tmp_path / "split", resume=True, echo=False)  # nothing left: evaluates again
+    # Nothing left to train: says so and returns the finished run's summary without evaluating again.
+    before = (tmp_path / "split" / "summary.json").stat().st_mtime_ns
+    summary = train(None, tmp_path / "split", resume=True)
+    assert "nothing to do" in capsys.readouterr().out
+    assert summary == json.loads((tmp_path / "split" / "summary.json").read_text())
     assert summary["pgd20_acc"] == json.loads((tmp_path / "whole" / "summary.json").read_text())["pgd20_acc"]
+    assert (tmp_path / "split" / "summary.json").stat().st_mtime_ns == before
+
+
+def test_resume_with_more_epochs_extends_a_finished_run(tmp_path, tiny_config, capsys):
+    """--resume --epochs N continues a finished run for the extra epochs (milestones recomputed and
+    stated); a shorter --epochs is refused."""
+    import dataclasses
+
+    cfg = tiny_config(**RESUME, method="st")
+    train(cfg, tmp_path / "run", echo=False)
+    longer = dataclasses.replace(cfg, epochs=cfg.epochs + 2)
+    summary = train(longer, tmp_path / "run", resume=True)
+    assert "extending" in capsys.readouterr().out
+    assert summary["epochs"] == cfg.epochs + 2 and summary["last_epoch"] == cfg.epochs + 2
+    rows = (tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + cfg.epochs + 2
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == cfg.epochs + 2
+    with pytest.raises(ConfigError, match="extended, not shortened"):
+        train(dataclasses.replace(cfg, epochs=1), tmp_path / "run", resume=True, echo=False)
 
 
 def test_resume_from_a_corrupt_checkpoint_names_the_file(tmp_path, tiny_config):
