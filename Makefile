@@ -1,7 +1,7 @@
 # The few commands people run. `make test` and `make main` set everything up first.
 PY := .venv/bin/python
 
-.PHONY: setup test test-fast main bench lint clean
+.PHONY: setup test test-fast main bench lint clean aot-check aot-check-triton36
 
 setup:
 	bash scripts/setup_env.sh
@@ -23,3 +23,16 @@ lint:
 
 clean:
 	rm -rf build cure_kernels/_C*.so
+
+# Compile every Triton kernel for sm_80 and sm_90 through the real launchers, without a GPU
+# (scripts/triton_aot_check.py; tests/test_triton_aot.py runs it too).
+aot-check:
+	env -u TRITON_INTERPRET $(PY) scripts/triton_aot_check.py
+
+# The same with Triton 3.6, the release GPU machines with PyTorch 2.11 carry: installed without its
+# dependencies into build/triton36 and put ahead of the venv's Triton (only the compiler is used; the
+# CPU torch of the venv stays). Its register counts may differ from the ceilings measured with 3.8.
+TRITON36 := build/triton36
+aot-check-triton36:
+	test -d $(TRITON36)/triton || $(PY) -m pip install --no-deps --target $(TRITON36) triton==3.6.0
+	env -u TRITON_INTERPRET PYTHONPATH=$(TRITON36) $(PY) scripts/triton_aot_check.py
