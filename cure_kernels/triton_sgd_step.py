@@ -184,6 +184,13 @@ _ADDR_CACHE_SIZE = 16
 _addr_tables: OrderedDict[tuple, Tensor] = OrderedDict()
 
 
+def pointer_tables_usable(device: torch.device) -> bool:
+    """Whether written lists on ``device`` may be addressed through pointer tables (INDIRECT): compiled
+    kernels on CUDA tensors. The ahead-of-time compile check (scripts/triton_aot_check.py), which launches
+    on CPU tensors and compiles without running, replaces this to reach the INDIRECT variants."""
+    return POINTER_TABLES and device.type == "cuda" and not backends.PROBE.triton_interpret
+
+
 def written_layout(tensors: list[Tensor], tables: bool) -> str:
     """How a written list is passed: "flat" (one buffer, zero copy), "table" (data pointers; ``tables``
     allows it) or "packed" (torch.cat, then copied back)."""
@@ -222,7 +229,7 @@ def _step_group(group: _Group, lists: list[list[Tensor]], nat: Tensor, adv: Tens
     alpha, beta, lr, momentum, weight_decay, decay, keep = scalars
     nc = group.num_chunks
     written = [grads, params, bufs] + ([revs] if revise else [])
-    tables = POINTER_TABLES and grads[0].device.type == "cuda" and not backends.PROBE.triton_interpret
+    tables = pointer_tables_usable(grads[0].device)
     layouts = [written_layout(tensors, tables) for tensors in written]
     flats, rows, indirect = [], [], 0
     for i, (tensors, layout) in enumerate(zip(written, layouts)):

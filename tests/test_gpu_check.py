@@ -54,3 +54,25 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     train = _rows(os.path.join(tmp_path, "gpu_check_train_cpu.csv"))
     assert [r["provider"] for r in train] == ["trades", "cure"] and float(train[1]["vs trades"]) > 0
     assert os.path.exists(os.path.join(tmp_path, "gpu_check.log"))
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")
+def test_a_failing_provider_leaves_the_other_rows_and_fails_the_run(tmp_path):
+    """GPU_CHECK_FAIL_PROVIDER=triton makes every Triton call of bench/gpu_check.py raise: its rows say so, every
+    other provider's rows are still written, and the exit status counts the two failed steps."""
+    env = {**os.environ, "GPU_CHECK_FAIL_PROVIDER": "triton", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--dry-run", "--out", str(tmp_path),
+                           "--only", "correctness,bench-mask"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "FAILED steps: correctness bench-mask" in proc.stdout
+    rows = _rows(os.path.join(tmp_path, "gpu_check_correctness_cpu.csv"))
+    by_provider = {p: [r for r in rows if r["provider"] == p] for p in ("triton", "torch")}
+    assert len(by_provider["triton"]) == len(by_provider["torch"]) == 2 * 2 * 2 * 6  # models, dtypes, data, ops
+    assert all(r["ok"] == "False" and "injected failure" in r["detail"] for r in by_provider["triton"])
+    assert all(r["ok"] == "True" and r["detail"] == "" for r in by_provider["torch"])
+    mask = _rows(os.path.join(tmp_path, "gpu_check_mask_cpu.csv"))
+    failed = [r for r in mask if r["provider"] == "cure-triton"]
+    assert len(failed) == 4 and all(r["exact"] == "False" and "injected" in r["note"] for r in failed)
+    assert {"official", "torch-kthvalue", "torch-sort", "torch-best"} <= {r["provider"] for r in mask}
+    assert all(r["exact"] == "True" and float(r["gpu_ms"]) > 0 for r in mask if r["provider"] == "official")

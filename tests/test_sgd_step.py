@@ -420,58 +420,7 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     assert all(_same_bits(a, b) for a, b in zip(lists, expected))
 
 
-# --- the compiled (non-interpreted) kernel ---------------------------------------------------------------
-_COMPILE_SCRIPT = r"""
-import json, re
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from cure_kernels import triton_sgd_step as s
-
-NAMES = ("nat_ptr", "adv_ptr", "grad_ptr", "param_ptr", "buf_ptr", "rev_ptr", "chunk_ptr", "tensor_ptr",
-         "thr_ptr", "kept_ptr", "skip_ptr", "addr_ptr", "alpha", "beta", "lr", "momentum", "weight_decay", "decay",
-         "keep", "num_chunks", "num_tensors", "BLOCK", "FREEZE", "REVISE", "SKIP", "INDIRECT")
-out = {}
-for dt in ("fp32", "bf16"):
-    P = "*" + dt
-    types = ((P,) * 6 + ("*i64", "*i64", "*fp32", "*i64", "*i32", "*i64") + ("fp32",) * 7 + ("i32",) * 2
-             + ("constexpr",) * 5)
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(12)}  # pointers aligned, as specialised at launch
-    for fusion, indirect in ((False, 0), (True, 0), (False, 15), (False, 6)):
-        src = ASTSource(s._sgd_step_kernel, dict(zip(NAMES, types)),
-                        {"BLOCK": s.BLOCK, "FREEZE": True, "REVISE": True, "SKIP": True, "INDIRECT": indirect}, attrs)
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": 8, "enable_fp_fusion": fusion})
-        ptx = kernel.asm["ptx"]
-        key = f"{dt}:{fusion}" + (f":indirect{indirect}" if indirect else "")
-        out[key] = len(re.findall(r"\bfma\.", ptx))
-        out[key + ":v4"] = len(re.findall(r"\bld\.global(?:\.\w+)*\.v4\.", ptx))
-print(json.dumps(out))
-"""
-
-
-def test_fused_kernel_compiles_for_cuda_without_fused_multiply_add(tmp_path):
-    """Compile the fused kernel for sm_90 (no GPU needed) and check its PTX: no fma as launched
-    (enable_fp_fusion=False), some when fusion is allowed (so the check can see contraction)."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
-    if proc.returncode != 0 and ("ptxas" in proc.stderr or "GPUTarget" in proc.stderr):
-        pytest.skip(f"Triton cannot compile for CUDA here: {proc.stderr.strip().splitlines()[-1]}")
-    assert proc.returncode == 0, proc.stderr
-    fmas = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert fmas["fp32:False"] == 0 and fmas["bf16:False"] == 0, fmas
-    assert fmas["fp32:True"] > 0, fmas
-    assert fmas["fp32:False:v4"] > 0 and fmas["bf16:False:v4"] > 0, fmas  # full chunks load vectors
-    # The pointer-table variants (CUDA only: the interpreter cannot load through them) compile, without fma.
-    assert all(fmas[f"{dt}:False:indirect{i}"] == 0 for dt in ("fp32", "bf16") for i in (15, 6)), fmas
+# The compiled (non-interpreted) kernel: tests/test_triton_aot.py (every flag combination through the launcher).
 
 
 # --- CUDA only -----------------------------------------------------------------------------------------
