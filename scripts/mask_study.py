@@ -68,9 +68,15 @@ def pretrain_dir(args: argparse.Namespace) -> Path:
 
 
 def variants(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
-    """The VARIANTS named by ``--variants`` (all when not given), in VARIANTS' order."""
+    """The VARIANTS named by ``--variants``, in the order given (all, in VARIANTS' order, when not given)."""
     names = getattr(args, "variants", None)
-    return [v for v in VARIANTS if names is None or v[1] in names]
+    if names is None:
+        return list(VARIANTS)
+    by_name = {v[1]: v for v in VARIANTS}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(by_name)}")
+    return [by_name[n] for n in names]
 
 
 def pretrain_command(args: argparse.Namespace) -> list[str]:

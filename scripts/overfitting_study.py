@@ -36,7 +36,8 @@ _spec = importlib.util.spec_from_file_location("mask_study", ROOT / "scripts" / 
 study = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(study)
 
-DEFAULT_VARIANTS = ["at", "trades", "cure", "cure_no_revision"]
+# AT first: it shows whether the setting overfits at all (the pilot's finding), then CURE against it.
+DEFAULT_VARIANTS = ["at", "cure", "trades", "cure_no_revision"]
 
 
 def run(args: argparse.Namespace) -> None:

@@ -30,7 +30,7 @@ def test_tiny_overfitting_study(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     table = output.read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
-    assert [row.split("|")[1].strip() for row in rows] == ["CURE", "AT (Madry)", "TRADES", "CURE without revision"]
+    assert [row.split("|")[1].strip() for row in rows] == ["AT (Madry)", "CURE", "TRADES", "CURE without revision"]
     with open(output.with_suffix(".csv"), newline="") as f:
         records = list(csv.DictReader(f))
     assert sorted(r["run"] for r in records) == ["at", "cure", "cure_no_revision", "trades"]
