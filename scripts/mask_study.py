@@ -296,16 +296,19 @@ def render(args: argparse.Namespace, rows: list[dict]) -> str:
         "wall_minutes": None, "jobs": args.jobs, "threads_per_job": args.threads,
     }  # fmt: skip
     wall = "an unrecorded amount" if record["wall_minutes"] is None else f"{record['wall_minutes']:.0f} minutes"
-    pre = json.loads((args.runs / "pretrain_st" / "summary.json").read_text())
-    first = args.runs / f"cure_s{args.seeds[0]}"
+    pre = json.loads((pretrain_dir(args) / "summary.json").read_text())
+    # The protocol from the finished runs (a partial study renders too): any run for the shared values,
+    # the first finished run of each method for its beta.
+    finished = [args.runs / f"{r['run']}_s{r['seed']}" for r in rows]
+    first = next((run for run in finished if run.name.startswith("cure_s")), finished[0])
     cfg = json.loads((first / "config.json").read_text())
     eps = json.loads((first / "summary.json").read_text())["eps"]
     lrs = [float(r["lr"]) for r in _read_metrics(first)]
     drops = [str(e + 1) for e in range(1, len(lrs)) if lrs[e] < lrs[e - 1]] or ["none"]
-    betas = {
-        name: json.loads((args.runs / f"{name}_s{args.seeds[0]}" / "config.json").read_text())["beta"]
-        for name in ("trades", "mart", "cure")
-    }
+    betas = {}
+    for name in ("trades", "mart", "cure"):
+        run = next((run for run in finished if run.name.startswith(f"{name}_s")), None)
+        betas[name] = json.loads((run / "config.json").read_text())["beta"] if run else "-"
     total_train = sum(r["train_seconds"] for r in rows) / 60
     lines = [
         f"# Where the mask bites: {args.dataset}, {args.arch}, six methods from one natural model",
