@@ -98,6 +98,8 @@ __all__ = [
     "StepResult",
     "STEP_FUNCTIONS",
     "kl_divergence",
+    "trades_loss",
+    "consistency_loss",
     "natural_step",
     "madry_step",
     "trades_step",
@@ -294,6 +296,19 @@ def _trades_terms(logits_nat: Tensor, logits_adv: Tensor, y: Tensor, beta: float
     """(CE(f(x), y), beta * KL(p(x) || p(x_adv))): the two terms of TRADES' loss and of CURE's L_adv
     (Eq. 5), whose sum is the loss."""
     return F.cross_entropy(logits_nat.float(), y), beta * kl_divergence(logits_nat, logits_adv)
+
+
+def trades_loss(logits_nat: Tensor, logits_adv: Tensor, y: Tensor, beta: float) -> Tensor:
+    """TRADES' loss and CURE's L_adv (Eq. 5): ``CE(f(x), y) + beta * KL(p(x) || p(x_adv))``, batch means,
+    float32. Gradients flow into both logits."""
+    ce, kl = _trades_terms(logits_nat, logits_adv, y, beta)
+    return ce + kl
+
+
+def consistency_loss(rev_nat: Tensor, logits_nat: Tensor, rev_adv: Tensor, logits_adv: Tensor) -> Tensor:
+    """CURE's L_CR (Eq. 8): ``KL(p_rev(x) || p(x)) + KL(p_rev(x_adv) || p(x_adv))``; the revision model's
+    logits are targets (pass them detached, or computed under ``no_grad``)."""
+    return kl_divergence(rev_nat, logits_nat) + kl_divergence(rev_adv, logits_adv)
 
 
 def trades_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
@@ -509,7 +524,7 @@ def cure_step(ctx: StepContext, x: Tensor, y: Tensor) -> StepResult:
         with torch.no_grad(), ctx.autocast():
             rev_nat = ctx.revision_forward(x)
             rev_adv = ctx.revision_forward(x_adv)
-        loss_cr = cfg.gamma * (kl_divergence(rev_nat, logits_nat) + kl_divergence(rev_adv, logits_adv))  # Eq. 8
+        loss_cr = cfg.gamma * consistency_loss(rev_nat, logits_nat, rev_adv, logits_adv)  # Eq. 8
         loss = loss_adv + loss_cr
         rev_correct = _correct(rev_nat, y)
     # 3. Gradients: dL_nat/dw and dL_rob/dw into the masker's buffers, dL/dw into .grad.
