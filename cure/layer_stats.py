@@ -24,9 +24,10 @@ the means on the device (their values are replaced by zeros with ``torch.where``
 leak into the sums, and they are not counted); an epoch whose steps were all skipped has empty cells.
 
 Cost: per step, three fused ``torch._foreach_norm`` launches (L1 norms of the natural and adversarial
-gradients, L2 norms of the updates) and a few elementwise operations on a [T, 6] float64 device tensor
-(T parameter tensors). Nothing is read on the host until the end of the epoch. Data-parallel runs: the
-gradients are the all-reduced ones, so every rank accumulates the same values; rank 0 writes the file.
+gradients, L2 norms of the updates, accumulated in float64) and a few elementwise operations on a [T, 6]
+float64 device tensor (T parameter tensors). Nothing is read on the host until the end of the epoch.
+Data-parallel runs: the gradients are the all-reduced ones, so every rank accumulates the same values;
+rank 0 writes the file.
 
 Resume: the sums of the current epoch and the rows of the finished epochs are part of the checkpoint
 (:class:`cure.train.RunState`), and ``layer_stats.csv`` is rewritten from them at the end of every
@@ -96,14 +97,16 @@ class LayerStats:
                     f"{len(self.params)} trainable ones; build LayerStats on the masker's model"
                 )
             grads = [q.grad if q.grad is not None else view for q, view in zip(masker.params, masker.updates)]
-            update = torch.stack(torch._foreach_norm(grads, 2)).double()
-            nat = torch.stack(torch._foreach_norm(masker.grads_nat, 1)).double() * self._inv_numel
-            adv = torch.stack(torch._foreach_norm(masker.grads_adv, 1)).double() * self._inv_numel
+            # Accumulated in float64 (each entry converted on the fly): a float32 sum over a large layer
+            # drifts by a few 1e-5 relative, and by a different amount with another thread count.
+            update = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64))
+            nat = torch.stack(torch._foreach_norm(masker.grads_nat, 1, dtype=torch.float64)) * self._inv_numel
+            adv = torch.stack(torch._foreach_norm(masker.grads_adv, 1, dtype=torch.float64)) * self._inv_numel
             kept = stats.kept.double() * self._inv_numel
             values = torch.stack([kept, nat, adv, update, self._ones, self._ones], dim=1)
         else:
             grads = [q.grad if q.grad is not None else self._zero_grad for q in self.params]
-            update = torch.stack(torch._foreach_norm(grads, 2)).double()
+            update = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64))
             values = torch.stack([self._zeros, self._zeros, self._zeros, update, self._zeros, self._ones], dim=1)
         applied = ~result.skipped.reshape(())
         sums.add_(torch.where(applied, values, 0.0))

@@ -117,10 +117,10 @@ def test_single_step_run_equals_a_direct_recomputation(tmp_path, tiny_config):
         kept = float((scores >= threshold).sum()) / q.numel()
         assert row[0] == pytest.approx(kept, abs=1e-12), name
         assert 0.0 <= row[0] <= 1.0
-        # The norms are float32 reductions (torch._foreach_norm) over up to ~10^5 entries.
-        assert row[1] == pytest.approx(gn.abs().double().mean().item(), rel=1e-5), name
-        assert row[2] == pytest.approx(ga.abs().double().mean().item(), rel=1e-5), name
-        assert row[3] == pytest.approx(q.grad.double().norm().item(), rel=1e-5), name
+        # The norms accumulate in float64 (torch._foreach_norm with dtype=float64): only the order differs.
+        assert row[1] == pytest.approx(gn.abs().double().mean().item(), rel=1e-12), name
+        assert row[2] == pytest.approx(ga.abs().double().mean().item(), rel=1e-12), name
+        assert row[3] == pytest.approx(q.grad.double().norm().item(), rel=1e-12), name
     # A weight matrix without ties keeps 1 - p of its entries (up to the rounding of p * n).
     conv = trainer.layer_stats.names.index("features.0.weight")
     assert means[conv][0] == pytest.approx(1 - cfg.p, abs=2 / masker.params[conv].numel())
