@@ -58,9 +58,16 @@ class ProminenceMasker:
         if len(devices) > 1:
             raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
         backends.resolve_backend(backend, self.params[0].device, "rgp_mask")  # raises, naming what can run
+        seen: dict[int, int] = {}
         for i, q in enumerate(self.params):
             if q.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(f"params[{i}] has dtype {q.dtype}; supported are float32, bfloat16, float16")
+            if id(q) in seen:
+                raise ValueError(f"params[{seen[id(q)]}] and params[{i}] are the same parameter (shape "
+                                 f"{tuple(q.shape)}); pass each once, e.g. model.parameters(), which "
+                                 f"deduplicates shared (tied) weights")
+            seen[id(q)] = i
+        self._layout = [(q.dtype, q.device) for q in self.params]  # what the buffers below were made for
         # One flat buffer per (kind, dtype); views in parameter order.
         self.buffers: dict[str, dict[torch.dtype, Tensor]] = {k: {} for k in _KINDS}
         self._views: dict[str, list[Tensor]] = {k: [] for k in _KINDS}
@@ -96,6 +103,16 @@ class ProminenceMasker:
         """The parameters' ``.grad`` tensors (views into the flat update buffers)."""
         return self._views["update"]
 
+    def _check_unchanged(self) -> None:
+        """The parameters still have the dtype and device the buffers were made for (``model.to(...)`` after
+        building the masker would otherwise meet PyTorch's grad dtype error at the next backward pass)."""
+        for i, (q, (dtype, device)) in enumerate(zip(self.params, self._layout)):
+            if q.dtype != dtype or q.device != device:
+                raise RuntimeError(
+                    f"params[{i}] is now {q.dtype} on {q.device}, but this ProminenceMasker was built for "
+                    f"{dtype} on {device}: the model was converted or moved after the masker was "
+                    f"created. Build the masker after model.to(...)")
+
     def zero_grad(self) -> None:
         """Zero the three gradients (update, natural and adversarial) and make every ``param.grad`` a view
         of the flat update buffer again.
@@ -104,6 +121,7 @@ class ProminenceMasker:
         Like ``.grad``, the captured gradients accumulate over backward passes (micro-batches) until this
         is called.
         """
+        self._check_unchanged()
         for kind in ("update", "nat", "adv"):
             for buf in self.buffers[kind].values():
                 buf.zero_()
@@ -126,6 +144,7 @@ class ProminenceMasker:
         """
         if kind not in ("nat", "adv"):
             raise ValueError(f"kind must be 'nat' or 'adv', got {kind!r}")
+        self._check_unchanged()
         saved = [q.grad for q in self.params]
         views = self._views[kind]
         for q, view in zip(self.params, views):

@@ -181,3 +181,20 @@ def test_captures_accumulate_over_micro_batches_until_zero_grad(create_graph):
     masker.zero_grad()
     for t in [*masker.grads_nat, *masker.grads_adv, *masker.updates]:
         assert not t.any()
+
+
+def test_the_same_parameter_twice_is_refused_when_the_masker_is_built():
+    lin = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"params\[0\] and params\[2\] are the same parameter"):
+        ck.ProminenceMasker([lin.weight, lin.bias, lin.weight], alpha=0.1, p=0.3)
+
+
+def test_converting_the_model_after_building_the_masker_is_named_at_the_next_step():
+    model = nn.Linear(3, 2)
+    masker = ck.ProminenceMasker(model.parameters(), alpha=0.1, p=0.3)
+    model.to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"params\[0\] is now torch.bfloat16 .* built for torch.float32"):
+        masker.zero_grad()
+    with pytest.raises(RuntimeError, match="Build the masker after model.to"):
+        with masker.capture("nat"):
+            pass
