@@ -717,6 +717,13 @@ def _main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"] and "--list-blocks" in argv:  # needs no --out: answered before parsing
         return _list_blocks(argv[1:])
     args = parser.parse_args(argv)
+    root = getattr(args, "data_root", None)
+    if root is not None and not os.path.isdir(root) and not getattr(args, "download", None):
+        # Every dataset: a root given on purpose must exist (Fashion-MNIST would otherwise silently come
+        # from the system package while config.json records the path given).
+        args.subparser.error(f"--data-root {root} does not exist; give an existing directory, leave it out "
+                             f"(Fashion-MNIST is also found in /usr/share/datasets/fashion-mnist), or add "
+                             f"--download to fetch the dataset into it")
     if args.command == "train":
         return _train(args, args.subparser)
     if args.command == "eval":

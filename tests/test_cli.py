@@ -410,3 +410,12 @@ def test_a_failed_start_is_no_dead_end_on_the_command_line(tmp_path, capsys):
     assert main(["train", "--method", "st", "--out", str(out), *FAST]) == 0
     code, err = _exit_code(["train", "--method", "st", "--out", str(out), *FAST], capsys)
     assert code == 2 and "already exists and is not empty" in err
+
+
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "cifar10"])
+def test_a_data_root_that_does_not_exist_is_an_error(tmp_path, capsys, dataset):
+    missing = str(tmp_path / "nowhere")
+    argv = ["train", "--method", "st", "--dataset", dataset, "--out", str(tmp_path / "run"), "--data-root", missing]
+    code, err = _exit_code(argv, capsys)
+    assert code == 2 and f"--data-root {missing} does not exist" in err
+    assert not (tmp_path / "run").exists()
