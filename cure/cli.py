@@ -718,7 +718,8 @@ def _main(argv: list[str] | None = None) -> int:
         return _list_blocks(argv[1:])
     args = parser.parse_args(argv)
     root = getattr(args, "data_root", None)
-    if root is not None and not os.path.isdir(root) and not getattr(args, "download", None):
+    checks_data = not getattr(args, "print_config", False)  # --print-config reads no data
+    if root is not None and checks_data and not os.path.isdir(root) and not getattr(args, "download", None):
         # Every dataset: a root given on purpose must exist (Fashion-MNIST would otherwise silently come
         # from the system package while config.json records the path given).
         args.subparser.error(f"--data-root {root} does not exist; give an existing directory, leave it out "
