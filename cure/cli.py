@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -423,7 +424,9 @@ def _checkpoint_state(source: str) -> dict[str, Any] | None:
     if not Path(source).is_file():
         return None
     try:
-        return load_checkpoint(source)
+        with warnings.catch_warnings():  # torch.load refuses a TorchScript file: that is the answer, no warning
+            warnings.filterwarnings("ignore", message=".*TorchScript archive")
+            return load_checkpoint(source)
     except NotACheckpointError:
         return None
 
@@ -740,7 +743,18 @@ def _analysis(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _eval_all(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """`cure eval`: the attacks (:func:`_eval`), then the common corruptions when --attacks names them."""
+    """`cure eval`: the attacks (:func:`_eval`), then the common corruptions when --attacks names them; a
+    missing or corrupt test split is an error (exit status 1) naming where it was looked for."""
+    from cure.data import DatasetCorruptError, DatasetNotFoundError
+
+    try:
+        return _eval_attacks_and_corruptions(args, parser)
+    except (DatasetNotFoundError, DatasetCorruptError) as exc:
+        print(f"cure eval: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _eval_attacks_and_corruptions(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from cure.corruptions import SEVERITIES
 
     if "corruptions" not in args.attacks:

@@ -115,10 +115,11 @@ def check_logits(model: nn.Module, images: Tensor, num_classes: int, dataset: st
         with torch.no_grad():
             out = model(images)
     except Exception as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        reason = lines[-1] if lines else type(exc).__name__  # TorchScript puts the cause last
         raise ModelSourceError(
-            f"--model {source} fails on {dataset} images of shape {tuple(images.shape[1:])} "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); pass the --dataset it "
-            f"was trained on"
+            f"--model {source} fails on {dataset} images of shape {tuple(images.shape[1:])} ({reason}); pass "
+            f"the --dataset it was trained on"
         ) from exc
     expected = (images.shape[0], num_classes)
     if not isinstance(out, Tensor) or tuple(out.shape) != expected:
