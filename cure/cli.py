@@ -824,6 +824,8 @@ def _eval_corruptions(args: argparse.Namespace, parser, severities: tuple[int, .
     existing = _read_eval_json(path)
     entry = existing.get(target.name, {}) if merge else {}
     entry.update({"test_images": int(len(labels)), "seed": args.seed})
+    if target.checkpoint is None:
+        entry["dataset"] = target.dataset
     entry["attacks"] = list(entry.get("attacks", [])) + ["corruptions"]
     entry["corruption_severities"] = list(severities)
     for which, res in results.items():
