@@ -46,6 +46,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or not a CURE checkpoint."""
 
 
+class NotACheckpointError(CheckpointError):
+    """The file is readable but no `cure train` checkpoint, or unreadable with ``weights_only=True`` (it may
+    be another kind of model file: ``cure eval`` then tries TorchScript and pickled modules)."""
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -104,12 +109,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # any failure to unpickle means the file is unusable; report which one
-        raise CheckpointError(
+        raise NotACheckpointError(
             f"checkpoint {path} cannot be read: the file is truncated, corrupt or not a trainer checkpoint "
             f"({type(exc).__name__}: {_reason(exc)}); use another checkpoint or train again"
         ) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a CURE training checkpoint (no '{FORMAT}' marker)")
+        raise NotACheckpointError(f"{path} is not a CURE training checkpoint (no '{FORMAT}' marker)")
     if state.get("version") != VERSION:
         raise CheckpointError(
             f"{path} has checkpoint version {state.get('version')!r}; this code reads {VERSION}"

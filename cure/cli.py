@@ -9,6 +9,8 @@
     cure eval --checkpoint runs/cure/last.pt --attacks nat,pgd20,cw,aa --which both
     cure eval --checkpoint runs/cure/last.pt --attacks nat,pgd20,cw --eval-protocol official
     cure eval --checkpoint runs/cure/last.pt --attacks nat,corruptions --severities 1,3,5
+    cure eval --model model.ts --dataset fashion-mnist --attacks nat,pgd20,aa   # TorchScript, any model
+    cure eval --model mymodels:robust_cnn --attacks nat,pgd20 --out results    # a function returning it
     cure analyze cka --a runs/st/last.pt --b runs/cure/last.pt --out analysis/cka --adversarial
     cure plot runs/at runs/cure --out figures
     cure train --method mart --norm l2 --out runs/mart-l2           # MART, L2 threat model (eps 1.5)
@@ -25,6 +27,8 @@ import argparse
 import json
 import os
 import sys
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +216,7 @@ _NOT_CONFIG = {"command", "subparser", "out", "resume", "overwrite", "preset", "
 
 def build_parser() -> argparse.ArgumentParser:
     from cure.config import EVAL_PROTOCOLS
+    from cure.data import DATASETS
 
     parser = argparse.ArgumentParser(
         prog="cure", description="CURE (Conserve-Update-Revise) adversarial training"
@@ -221,9 +226,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_arguments(p_train)
     p_train.set_defaults(subparser=p_train)
     p_eval = sub.add_parser(
-        "eval", help="evaluate a checkpoint", description="Evaluate a checkpoint on the test split."
+        "eval",
+        help="evaluate a checkpoint or any model",
+        description="Evaluate a checkpoint of `cure train`, or any model taking inputs in [0, 1] and returning "
+        "logits (RobustBench's convention), on the test split.",
     )
-    p_eval.add_argument("--checkpoint", required=True, type=Path, help="DIR/last.pt or DIR/best.pt")
+    p_eval.add_argument(
+        "--model",
+        "--checkpoint",
+        dest="source",
+        required=True,
+        metavar="SOURCE",
+        help="DIR/last.pt or DIR/best.pt of `cure train`; a TorchScript file (torch.jit.save); a torch.save(model) "
+        "file of a whole nn.Module (with --allow-pickle); or module.path:function returning the nn.Module "
+        "(imported with the current directory on sys.path). Models other than checkpoints take their dataset "
+        "and threat model from --dataset, --norm, --eps (defaults: fashion-mnist, linf, the dataset's radius)",
+    )
+    p_eval.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="--model may be a torch.save(model) pickle of a whole nn.Module: read with "
+        "torch.load(weights_only=False), which runs code named in the file; only for files you trust",
+    )
+    p_eval.add_argument(
+        "--dataset",
+        choices=tuple(DATASETS),
+        help="dataset of a model that is not a checkpoint (default fashion-mnist); a checkpoint's is its run's",
+    )
+    p_eval.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="directory of eval.json (default: the model file's directory; the current directory for "
+        "module:function)",
+    )
     p_eval.add_argument(
         "--attacks",
         type=_csv_list(str),
@@ -232,20 +268,32 @@ def build_parser() -> argparse.ArgumentParser:
         "at --severities; default nat,pgd20)",
     )
     _add_corruption_arguments(p_eval)
-    p_eval.add_argument("--which", choices=("model", "revision", "both"), default="model")
-    p_eval.add_argument("--eval-samples", type=int, help="deterministic subset of the test split")
-    p_eval.add_argument("--eps", type=float, help="radius (default: the one the run trained with)")
     p_eval.add_argument(
-        "--norm", choices=("linf", "l2"), help="threat model (default: the run's; a changed norm needs --eps)"
+        "--which",
+        choices=("model", "revision", "both"),
+        default="model",
+        help="network of a checkpoint: the trained model (default), CURE's revision model, or both",
+    )
+    p_eval.add_argument("--eval-samples", type=int, help="deterministic subset of the test split")
+    p_eval.add_argument(
+        "--eps", type=float, help="radius (default: the one the run trained with, else the dataset's usual one)"
+    )
+    p_eval.add_argument(
+        "--norm",
+        choices=("linf", "l2"),
+        help="threat model (default: the run's, a changed norm needs --eps; linf for other models)",
     )
     p_eval.add_argument("--batch-size", type=int, default=256)
     p_eval.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p_eval.add_argument("--data-root", help="dataset root (default: the run's)")
+    p_eval.add_argument(
+        "--data-root", help="dataset root (default: the run's; Fashion-MNIST's system copy for other models)"
+    )
     p_eval.add_argument("--seed", type=int, default=0, help="seed of the attacks' random starts")
     p_eval.add_argument(
         "--eval-protocol",
         choices=EVAL_PROTOCOLS,
-        help="ours or official (see `cure train --help`); default: the protocol the run was trained with",
+        help="ours or official (see `cure train --help`); default: the protocol the run was trained with "
+        "(ours for other models)",
     )
     p_eval.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     p_eval.set_defaults(subparser=p_eval)
@@ -329,43 +377,167 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _open_checkpoint(args: argparse.Namespace, parser: argparse.ArgumentParser):
-    """`cure eval`: (device, the run's TrainConfig, the networks to evaluate) of ``args.checkpoint``;
-    argparse-style errors for a bad device or checkpoint and for --which revision without one."""
-    from cure.checkpoint import CheckpointError, load_checkpoint
+@dataclass
+class _EvalTarget:
+    """What `cure eval` evaluates, resolved from --model/--checkpoint and the options.
+
+    Attributes:
+        source: the --model value as given.
+        checkpoint: the path of a `cure train` checkpoint, None for any other model.
+        name: the model's entry in eval.json (the file name, or the ``module:function`` string).
+        out_dir: the directory of eval.json.
+        title: how the table's header names the model ("cure on fashion-mnist (cnn)").
+        dataset, data_root, data_seed: the test split (data_seed picks the --eval-samples subset).
+        norm, eps, protocol: the threat model and attack settings.
+        whiches: the networks of a checkpoint to evaluate ("model", "revision"); ("model",) otherwise.
+        model: the loaded model of a source that is not a checkpoint.
+    """
+
+    source: str
+    checkpoint: Path | None
+    name: str
+    out_dir: Path
+    title: str
+    dataset: str
+    data_root: str | None
+    data_seed: int
+    norm: str
+    eps: float
+    protocol: str
+    whiches: tuple[str, ...]
+    model: Any = None
+
+    def load(self, which: str, device):
+        """The network ``which`` on ``device`` in eval mode."""
+        if self.checkpoint is None:
+            return self.model
+        from cure.checkpoint import load_model
+
+        return load_model(self.checkpoint, which=which, map_location=device)
+
+
+def _checkpoint_state(source: str) -> dict[str, Any] | None:
+    """The state of the `cure train` checkpoint ``source``, None when it is no such file (another model);
+    :class:`~cure.checkpoint.CheckpointError` for a checkpoint that is unusable (another version, incomplete)."""
+    from cure.checkpoint import NotACheckpointError, load_checkpoint
+
+    if not Path(source).is_file():
+        return None
+    try:
+        with warnings.catch_warnings():  # torch.load refuses a TorchScript file: that is the answer, no warning
+            warnings.filterwarnings("ignore", message=".*TorchScript archive")
+            return load_checkpoint(source)
+    except NotACheckpointError:
+        return None
+
+
+def _open_target(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """`cure eval`: (device, :class:`_EvalTarget`) of ``args.source``; argparse-style errors for a bad device,
+    model source, option that does not apply (--which revision without a revision model or for other models,
+    --dataset differing from a checkpoint's) or threat model (a changed norm without --eps)."""
+    from cure.attacks import default_radius
+    from cure.checkpoint import CheckpointError
     from cure.config import TrainConfig
     from cure.device import select_device
+    from cure.external import ModelSourceError, load_external_model
 
     try:
         device = select_device(args.device)
-        state = load_checkpoint(args.checkpoint)
-    except (CheckpointError, ValueError) as exc:
+    except ValueError as exc:
         parser.error(str(exc))
-    cfg = TrainConfig.from_dict(state["config"])
-    whiches = ("model", "revision") if args.which == "both" else (args.which,)
-    if "revision" in whiches and state.get("revision") is None:
-        if args.which == "revision":
-            parser.error(f"{args.checkpoint} holds no revision model (method {cfg.method})")
-        whiches = ("model",)
-    del state
-    return device, cfg, whiches
+    source = args.source
+    out_dir = args.out
+    try:
+        state = _checkpoint_state(source)
+    except CheckpointError as exc:
+        parser.error(str(exc))
+    if state is not None:
+        cfg = TrainConfig.from_dict(state["config"])
+        whiches = ("model", "revision") if args.which == "both" else (args.which,)
+        if "revision" in whiches and state.get("revision") is None:
+            if args.which == "revision":
+                parser.error(f"{source} holds no revision model (method {cfg.method})")
+            whiches = ("model",)
+        del state
+        if args.dataset is not None and args.dataset != cfg.dataset:
+            parser.error(f"--dataset {args.dataset}: checkpoint {source} was trained on {cfg.dataset}; "
+                         f"leave --dataset out for checkpoints")
+        norm = args.norm or cfg.norm
+        if norm != cfg.norm and args.eps is None:
+            parser.error(f"--norm {norm}: the run trained in {cfg.norm}, so its eps does not apply; give --eps")
+        eps = args.eps if args.eps is not None else cfg.eps
+        path = Path(source)
+        return device, _EvalTarget(
+            source=source, checkpoint=path, name=path.name, out_dir=out_dir or path.parent,
+            title=f"{cfg.method} on {cfg.dataset} ({cfg.arch})", dataset=cfg.dataset,
+            data_root=args.data_root or cfg.data_root, data_seed=cfg.data_seed, norm=norm,
+            eps=eps if eps is not None else default_radius(cfg.dataset, norm)[0],
+            protocol=args.eval_protocol or cfg.eval_protocol, whiches=whiches,
+        )
+    if args.which != "model":
+        parser.error(f"--which {args.which}: only a checkpoint of `cure train` has a revision model; "
+                     f"--model {source} is another model (leave --which out)")
+    try:
+        model = load_external_model(source, allow_pickle=args.allow_pickle, map_location=device)
+    except ModelSourceError as exc:
+        parser.error(str(exc))
+    dataset = args.dataset or "fashion-mnist"
+    norm = args.norm or "linf"
+    is_file = Path(source).is_file()
+    return device, _EvalTarget(
+        source=source, checkpoint=None, name=Path(source).name if is_file else source,
+        out_dir=out_dir or (Path(source).parent if is_file else Path.cwd()),
+        title=f"{'file' if is_file else 'function'} model on {dataset}", dataset=dataset,
+        data_root=args.data_root, data_seed=TrainConfig.data_seed, norm=norm,
+        eps=args.eps if args.eps is not None else default_radius(dataset, norm)[0],
+        protocol=args.eval_protocol or "ours", whiches=("model",), model=model,
+    )
 
 
-def _test_split(args: argparse.Namespace, cfg):
-    """The run's test split, or its deterministic --eval-samples subset."""
+def _test_split(args: argparse.Namespace, target: _EvalTarget):
+    """The target's test split, or its deterministic --eval-samples subset."""
     from cure.data import deterministic_subset, load_split
 
-    images, labels = load_split(cfg.dataset, args.data_root or cfg.data_root, train=False, download=False)
+    images, labels = load_split(target.dataset, target.data_root, train=False, download=False)
     if args.eval_samples is not None and args.eval_samples < len(labels):
-        images, labels = deterministic_subset(images, labels, args.eval_samples, seed=cfg.data_seed)
+        images, labels = deterministic_subset(images, labels, args.eval_samples, seed=target.data_seed)
     return images, labels
 
 
-def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _check_model_output(target: _EvalTarget, images, device, parser) -> None:
+    """A model that is not a checkpoint must take a few test images and return one logit per class, checked
+    before the attacks (a checkpoint's network is built for its dataset)."""
     import torch
 
-    from cure.checkpoint import atomic_write_text, load_model
-    from cure.config import default_radius
+    from cure.data import DATASETS
+    from cure.external import ModelSourceError, check_logits
+
+    if target.checkpoint is not None:
+        return
+    x = images[:4].to(device)
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    try:
+        check_logits(target.model, x, DATASETS[target.dataset].num_classes, target.dataset, target.source)
+    except ModelSourceError as exc:
+        parser.error(str(exc))
+
+
+def _read_eval_json(path: Path) -> dict[str, Any]:
+    """eval.json's entries, or none when the file is missing or unreadable."""
+    if not path.is_file():
+        return {}
+    try:
+        existing = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+    return existing if isinstance(existing, dict) else {}
+
+
+def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Accuracy under --attacks of the target's networks; a table and the target's entry in eval.json."""
+    import torch
+
+    from cure.checkpoint import atomic_write_text
     from cure.data import DATASETS
     from cure.evaluation import ATTACKS, attack_settings, evaluate
     from cure.train import NORM_TITLES, nrr
@@ -381,19 +553,16 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--eps must lie in [0, 1], got {args.eps} (an L2 radius needs --norm l2)")
     if args.eps is not None and args.eps < 0:
         parser.error(f"--eps must be >= 0, got {args.eps}")
-    device, cfg, whiches = _open_checkpoint(args, parser)
-    protocol = args.eval_protocol or cfg.eval_protocol
-    spec = DATASETS[cfg.dataset]
-    norm = args.norm or cfg.norm
-    if norm != cfg.norm and args.eps is None:
-        parser.error(f"--norm {norm}: the run trained in {cfg.norm}, so its eps does not apply; give --eps")
-    eps = args.eps if args.eps is not None else cfg.eps
-    if eps is None:
-        eps = default_radius(cfg.dataset, norm)[0]
-    images, labels = _test_split(args, cfg)
+    device, target = _open_target(args, parser)
+    protocol, norm, eps = target.protocol, target.norm, target.eps
+    if norm == "l2" and protocol == "official":
+        parser.error("--eval-protocol official reproduces the official L-inf evaluation; use ours with --norm l2")
+    spec = DATASETS[target.dataset]
+    images, labels = _test_split(args, target)
+    _check_model_output(target, images, device, parser)
     results: dict[str, dict[str, float]] = {}
-    for which in whiches:
-        model = load_model(args.checkpoint, which=which, map_location=device)
+    for which in target.whiches:
+        model = target.load(which, device)
         res = evaluate(
             model,
             images,
@@ -429,25 +598,23 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     }
     keys = [k for k in titles if any(k in r for r in results.values())]
     print(
-        f"{args.checkpoint}: {cfg.method} on {cfg.dataset} ({cfg.arch}), {len(labels)} test images, "
+        f"{target.source}: {target.title}, {len(labels)} test images, "
         f"{NORM_TITLES[norm]} eps {eps:.4g}, {protocol} evaluation protocol; accuracies in %"
     )
     print(f"{'model':<9}" + "".join(f"{titles[k]:>10}" for k in keys))
     for which, row in results.items():
         print(f"{which:<9}" + "".join(f"{row[k]:>10.2f}" if k in row else f"{'-':>10}" for k in keys))
-    path = args.checkpoint.parent / "eval.json"
-    existing: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            existing = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            existing = {}
+    path = target.out_dir / "eval.json"
+    existing = _read_eval_json(path)
     settings = {"norm": norm, "eps": eps, "test_images": int(len(labels)), "eval_protocol": protocol,
                 "seed": args.seed}
-    existing[args.checkpoint.name] = merge_eval_entry(
-        existing.get(args.checkpoint.name), settings, list(args.attacks),
+    if target.checkpoint is None:
+        settings["dataset"] = target.dataset
+    existing[target.name] = merge_eval_entry(
+        existing.get(target.name), settings, list(args.attacks),
         attack_settings(tuple(args.attacks), eps, protocol), results,
     )
+    target.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(existing, indent=2) + "\n", path)
     print(f"results written to {path}")
     return 0
@@ -576,7 +743,18 @@ def _analysis(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _eval_all(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """`cure eval`: the attacks (:func:`_eval`), then the common corruptions when --attacks names them."""
+    """`cure eval`: the attacks (:func:`_eval`), then the common corruptions when --attacks names them; a
+    missing or corrupt test split is an error (exit status 1) naming where it was looked for."""
+    from cure.data import DatasetCorruptError, DatasetNotFoundError
+
+    try:
+        return _eval_attacks_and_corruptions(args, parser)
+    except (DatasetNotFoundError, DatasetCorruptError) as exc:
+        print(f"cure eval: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _eval_attacks_and_corruptions(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from cure.corruptions import SEVERITIES
 
     if "corruptions" not in args.attacks:
@@ -601,7 +779,7 @@ def _eval_corruptions(args: argparse.Namespace, parser, severities: tuple[int, .
     """Accuracy under the 15 common corruptions; a table, eval.json and the run's summary.json."""
     import torch
 
-    from cure.checkpoint import atomic_write_text, load_model
+    from cure.checkpoint import atomic_write_text
     from cure.corruptions import CORRUPTIONS
     from cure.evaluation import evaluate_corruptions
 
@@ -609,11 +787,12 @@ def _eval_corruptions(args: argparse.Namespace, parser, severities: tuple[int, .
         parser.error(f"--eval-samples must be at least 1, got {args.eval_samples}")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
-    device, cfg, whiches = _open_checkpoint(args, parser)
-    images, labels = _test_split(args, cfg)
+    device, target = _open_target(args, parser)
+    images, labels = _test_split(args, target)
+    _check_model_output(target, images, device, parser)
     results: dict[str, dict[str, Any]] = {}
-    for which in whiches:
-        model = load_model(args.checkpoint, which=which, map_location=device)
+    for which in target.whiches:
+        model = target.load(which, device)
         results[which] = evaluate_corruptions(
             model,
             images,
@@ -629,7 +808,7 @@ def _eval_corruptions(args: argparse.Namespace, parser, severities: tuple[int, .
             torch.cuda.empty_cache()
     sev_text = ",".join(map(str, severities))
     print(
-        f"{args.checkpoint}: {cfg.method} on {cfg.dataset} ({cfg.arch}), {len(labels)} test images, "
+        f"{target.source}: {target.title}, {len(labels)} test images, "
         f"common corruptions at severities {sev_text}; accuracies in %"
     )
     header = f"{'corruption':<19}" + "".join(f"{'sev ' + str(s):>8}" for s in severities) + f"{'mean':>8}"
@@ -641,32 +820,32 @@ def _eval_corruptions(args: argparse.Namespace, parser, severities: tuple[int, .
             cells = "".join(f"{res['corruptions_by_severity'][name][str(s)]:>8.2f}" for s in severities)
             print(f"{name:<19}{cells}{res['corruptions'][name]:>8.2f}")
         print(f"{'mean (corruption_acc)':<{19 + 8 * len(severities)}}{res['corruption_acc']:>8.2f}")
-    path = args.checkpoint.parent / "eval.json"
-    existing: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            existing = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            existing = {}
-    entry = existing.get(args.checkpoint.name, {}) if merge else {}
+    path = target.out_dir / "eval.json"
+    existing = _read_eval_json(path)
+    entry = existing.get(target.name, {}) if merge else {}
     entry.update({"test_images": int(len(labels)), "seed": args.seed})
+    if target.checkpoint is None:
+        entry["dataset"] = target.dataset
     entry["attacks"] = list(entry.get("attacks", [])) + ["corruptions"]
     entry["corruption_severities"] = list(severities)
     for which, res in results.items():
         entry.setdefault(which, {}).update(
             {k: res[k] for k in ("corruption_acc", "corruptions", "corruptions_by_severity")}
         )
-    existing[args.checkpoint.name] = entry
+    existing[target.name] = entry
+    target.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(existing, indent=2) + "\n", path)
     print(f"results written to {path}")
-    summary_path = args.checkpoint.parent / "summary.json"
+    if target.checkpoint is None:
+        return 0
+    summary_path = target.checkpoint.parent / "summary.json"
     if summary_path.is_file():
         try:
             summary = json.loads(summary_path.read_text())
         except json.JSONDecodeError:
             summary = None
         if isinstance(summary, dict):
-            summary["corruption_checkpoint"] = args.checkpoint.name
+            summary["corruption_checkpoint"] = target.name
             summary["corruption_severities"] = list(severities)
             summary["corruption_test_images"] = int(len(labels))
             for which, res in results.items():
