@@ -251,6 +251,24 @@ def derived_seed(seed: int, *tags: Any) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+def check_cpu_compile(device: torch.device) -> None:
+    """Refuse ``--compile`` on a CPU whose ATen kernels are not AVX-512: with the AVX2 kernels
+    (``ATEN_CPU_CAPABILITY=avx2``, or a CPU without AVX-512, such as many AMD servers) Inductor's code for
+    the CURE step gave non-finite losses on every step of a small CNN run, or an out-of-bounds max-pool
+    index error, where eager mode and the AVX-512 kernels train normally (torch 2.14.1). Not yet reduced to
+    a reproducer outside the trainer: a conv + ReLU + max-pool block alone compiles correctly."""
+    if device.type != "cpu":
+        return
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX512":
+        raise ConfigError(
+            f"--compile on this CPU (ATen kernels: {capability}) is refused: torch.compile's CPU code for the "
+            f"CURE step gave non-finite losses (or a max-pool index error) with the non-AVX-512 kernels, where "
+            f"eager mode trains correctly. Train without --compile here (eager mode on the CPU loses little "
+            f"for these models), or compile on a GPU"
+        )
+
+
 def holds_a_run(out: str | Path) -> bool:
     """``out`` holds something a new run must not silently replace: anything but what a run that never saved
     a checkpoint leaves (it failed to start, or stopped inside its first epoch: at most its configuration and
@@ -482,6 +500,8 @@ class _Trainer:
         if self.channels_last:
             module.to(memory_format=torch.channels_last)
         self.module = module
+        if cfg.compile:
+            check_cpu_compile(self.device)
         self.model = torch.compile(module) if cfg.compile else module
 
         self.ctx = build_step_context(

@@ -214,9 +214,19 @@ def test_out_of_memory_suggests_a_smaller_batch(tmp_path, monkeypatch, tiny):
 
 
 @pytest.mark.slow
+@pytest.mark.learning  # CI runs it again with ATEN_CPU_CAPABILITY=avx2: there --compile is refused
 def test_compiled_model_trains(tmp_path, tiny):
-    summary = train(tiny(method="cure", epochs=1, compile=True), tmp_path / "compiled", echo=False)
+    """With the AVX-512 kernels the compiled CURE run trains (no step skipped as non-finite: the AVX2
+    kernels once skipped all of them); with any other capability --compile is refused, saying why."""
+    cfg = tiny(method="cure", epochs=1, compile=True)
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        with pytest.raises(ConfigError, match="--compile on this CPU .* is refused"):
+            train(cfg, tmp_path / "compiled", echo=False)
+        assert not (tmp_path / "compiled" / "config.json").exists()
+        return
+    summary = train(cfg, tmp_path / "compiled", echo=False)
     assert summary["epochs"] == 1 and 0 <= summary["pgd20_acc"] <= 100
+    assert summary["skipped_steps"] == 0
 
 
 def test_cure_needs_a_natural_starting_point(tmp_path, tiny):
