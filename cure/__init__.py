@@ -6,16 +6,16 @@
 
 The training entry points are :func:`cure.train.train` (Python) and ``cure train`` (command line).
 For your own loop, :class:`cure.CureStep` (a whole CURE step on your model and optimizer), the losses
-:func:`cure.trades_loss`, :func:`cure.mart_loss`, :func:`cure.consistency_loss`, the attacks
-:func:`cure.pgd` and :func:`cure.trades_pgd`, and :class:`cure.RevisionModel`.
+:func:`cure.trades_loss`, :func:`cure.mart_loss`, :func:`cure.consistency_loss`, :func:`cure.cure_loss`,
+the attacks :func:`cure.pgd` and :func:`cure.trades_pgd`, and :class:`cure.RevisionModel`.
 """
 
 from cure.checkpoint import load_model
 
 _LAZY = {  # imported on first use (they import torch's training stack and the kernels)
     "CureStep": "cure.step", "trades_loss": "cure.methods", "mart_loss": "cure.methods",
-    "consistency_loss": "cure.methods", "pgd": "cure.attacks", "trades_pgd": "cure.attacks",
-    "RevisionModel": "cure.revision",
+    "consistency_loss": "cure.methods", "cure_loss": "cure.methods", "pgd": "cure.attacks",
+    "trades_pgd": "cure.attacks", "RevisionModel": "cure.revision",
 }
 
 

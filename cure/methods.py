@@ -100,6 +100,7 @@ __all__ = [
     "kl_divergence",
     "trades_loss",
     "consistency_loss",
+    "cure_loss",
     "natural_step",
     "madry_step",
     "trades_step",
@@ -303,6 +304,17 @@ def trades_loss(logits_nat: Tensor, logits_adv: Tensor, y: Tensor, beta: float) 
     float32. Gradients flow into both logits."""
     ce, kl = _trades_terms(logits_nat, logits_adv, y, beta)
     return ce + kl
+
+
+def cure_loss(logits_nat: Tensor, logits_adv: Tensor, y: Tensor, rev_nat: Tensor | None, rev_adv: Tensor | None,
+              *, beta: float, gamma: float) -> Tensor:
+    """CURE's training loss: ``trades_loss + gamma * consistency_loss`` (Eqs. 5 and 8); without the revision
+    model's logits (``None``, the no-revision ablation) the TRADES-style loss alone. The step masks its
+    gradient with the prominence of ``CE(f(x), y)`` and ``CE(f(x_adv), y)`` (:class:`cure.CureStep`)."""
+    loss = trades_loss(logits_nat, logits_adv, y, beta)
+    if rev_nat is None or rev_adv is None:
+        return loss
+    return loss + gamma * consistency_loss(rev_nat, logits_nat, rev_adv, logits_adv)
 
 
 def consistency_loss(rev_nat: Tensor, logits_nat: Tensor, rev_adv: Tensor, logits_adv: Tensor) -> Tensor:

@@ -67,3 +67,25 @@ def test_the_readme_example_runs_as_written(capsys):
     printed = capsys.readouterr().out
     assert printed.startswith("loss ") and "kept 7" in printed  # ResNet-20: about 1 - p of the entries kept
     assert not namespace["revision_model"].training
+
+
+def test_cure_loss_is_the_steps_loss(monkeypatch):
+    """cure.cure_loss on the step's own logits equals the loss the step minimised, bit for bit."""
+    torch.manual_seed(0)
+    model = build_model("cnn", SPEC)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    step = cure.CureStep(model, optimizer, eps=0.1, step_size=0.05, attack_steps=2, beta=3.0, gamma=0.7)
+    step(*_batch(5))  # the revision model moves away from the model
+    before, rev_before = copy.deepcopy(model).train(), copy.deepcopy(step.revision_model).train()
+    x, y = _batch(6)
+    seen = {}
+    real = methods.trades_pgd
+    monkeypatch.setattr(methods, "trades_pgd", lambda *a, **k: seen.setdefault("x_adv", real(*a, **k)))
+    result = step(x, y)
+    x_adv = seen["x_adv"]
+    with torch.no_grad():
+        rev_nat, rev_adv = rev_before(x), rev_before(x_adv)
+        expected = cure.cure_loss(before(x), before(x_adv), y, rev_nat, rev_adv, beta=3.0, gamma=0.7)
+    assert torch.equal(result.loss, expected)
+    assert torch.equal(cure.cure_loss(before(x), before(x_adv), y, None, None, beta=3.0, gamma=0.7),
+                       cure.trades_loss(before(x), before(x_adv), y, 3.0))
