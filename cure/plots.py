@@ -156,11 +156,13 @@ def _title(runs: list[Run]) -> str:
     return f"{len(runs)} runs on {', '.join(kinds)}: " + ", ".join(r.method.upper() for r in runs)
 
 
-def _title_and_layout(fig, title: str) -> None:
+def _title_and_layout(fig, title: str, w_pad: float | None = None) -> None:
     """The figure's title, and a tight layout of its panels below it (tight_layout alone ignores the title,
-    which then overlaps the top panels' titles): the top half inch stays free, whatever the figure's height."""
+    which then overlaps the top panels' titles): the top half inch stays free, whatever the figure's height.
+    ``w_pad`` (in font sizes) widens the gap between columns, for colour bars beside panels with long tick
+    labels."""
     fig.suptitle(title)
-    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.5 / fig.get_figheight()))
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.5 / fig.get_figheight()), w_pad=w_pad)
 
 
 def _plot_curves(runs: list[Run], out: Path) -> Path:
@@ -383,7 +385,9 @@ def _plot_layers(run: Run, out: Path, stem: str) -> Path | None:
     else:
         ax.set_axis_off()
         ax.set_title("update norm: not recorded")
-    _title_and_layout(fig, f"{run.method.upper()} on {run.dataset} ({run.arch}): {run.name}, per-layer statistics")
+    # The heat maps' colour-bar labels sit right of them, next to the neighbouring panel's layer names.
+    _title_and_layout(fig, f"{run.method.upper()} on {run.dataset} ({run.arch}): {run.name}, per-layer statistics",
+                      w_pad=6.0)
     path = out / f"layers_{stem}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
