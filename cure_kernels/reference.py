@@ -13,6 +13,7 @@ below the tensor's p-quantile (``numpy.quantile(s, p)``, default 'linear' method
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -139,3 +140,43 @@ def revise_reference(revision: Sequence[torch.Tensor], params: Sequence[torch.Te
     """
     for rev, param in zip(revision, params):
         rev.copy_(decay * rev.float() + (1.0 - decay) * param.float())
+
+
+def sgd_revise_apply_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                      grads_nat: Sequence[torch.Tensor], grads_adv: Sequence[torch.Tensor],
+                      momentum_buffers: Sequence[torch.Tensor], revision: Sequence[torch.Tensor],
+                      thresholds: torch.Tensor, skipped: torch.Tensor | None, *, lr: float, momentum: float,
+                      weight_decay: float, alpha: float, mask_mode: str, decay: float) -> None:
+    """The update and revise halves of the fused step on already masked ``grads`` (docs/method.md, "The fused
+    step"), in place, per tensor, in float32 with every product and sum a separate rounded PyTorch operation::
+
+        d = g + f32(wd)*param;  buf' = f32(momentum)*buf + d  (stored);  param' = param - f32(lr)*buf'
+        mask_mode "update": param' = param, buf' = buf where s < thr   (a NaN threshold freezes nothing)
+        skipped (a 0-dim bool tensor, or None): param' = param, buf' = buf everywhere when it holds
+        rev' = f32(decay)*rev + f32(1 - decay)*param'   (param' as stored; ``revision`` empty: no revision)
+
+    The scalars are 0-dim CPU float32 tensors, which PyTorch passes to a kernel on any device without a copy,
+    so this runs on the tensors' device without a host synchronisation. The reference and the torch backend
+    share it.
+    """
+    f32 = functools.partial(torch.tensor, dtype=torch.float32)
+    lr32, mom32, wd32, decay32, keep32 = f32(lr), f32(momentum), f32(weight_decay), f32(decay), f32(1.0 - decay)
+    for i, (q, g, buf) in enumerate(zip(params, grads, momentum_buffers)):
+        if q.numel() == 0:
+            continue
+        w, v = q.float(), buf.float()
+        d = g.float() + wd32 * w
+        v_new = (mom32 * v + d).to(buf.dtype)
+        w_new = (w - lr32 * v_new.float()).to(q.dtype)
+        if mask_mode == "update":
+            frozen = rgp_scores(grads_nat[i], grads_adv[i], alpha) < thresholds[i]
+            v_new = torch.where(frozen, buf, v_new)
+            w_new = torch.where(frozen, q, w_new)
+        if skipped is not None:
+            v_new = torch.where(skipped, buf, v_new)
+            w_new = torch.where(skipped, q, w_new)
+        buf.copy_(v_new)
+        q.copy_(w_new)
+        if revision:
+            rev = revision[i]
+            rev.copy_(decay32 * rev.float() + keep32 * q.float())

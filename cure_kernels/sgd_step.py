@@ -28,18 +28,13 @@ from torch import Tensor
 
 from cure_kernels import backends, torch_backend
 from cure_kernels.ops import MaskStats, _mask_stats_like, _resolve, backend_op
-from cure_kernels.reference import apply_mask_reference, rgp_mask_reference, rgp_scores
+from cure_kernels.reference import apply_mask_reference, rgp_mask_reference, sgd_revise_apply_
 from cure_kernels.validation import check_fraction, check_given_stats, check_nonnegative, check_tensor_lists
 
 __all__ = ["rgp_sgd_step_", "rgp_sgd_step_reference", "MASK_MODES", "SGD_STEP_BACKENDS"]
 
 MASK_MODES = ("grad", "update")
 SGD_STEP_BACKENDS = ("reference", "cpu", "triton", "cuda", "torch")
-
-
-def _f32(x: float) -> Tensor:
-    """A Python float rounded to a float32 scalar tensor (round to nearest)."""
-    return torch.tensor(x, dtype=torch.float32)
 
 
 def rgp_sgd_step_reference(params: Sequence[Tensor], grads: Sequence[Tensor], grads_nat: Sequence[Tensor],
@@ -71,29 +66,8 @@ def rgp_sgd_step_reference(params: Sequence[Tensor], grads: Sequence[Tensor], gr
     skipped = None
     if skip is not None:
         skipped = (skip.reshape(()) != 0) | (nonfinite.sum() > 0)
-    lr32, mom32, wd32 = _f32(lr), _f32(momentum), _f32(weight_decay)
-    decay32, keep32 = _f32(decay), _f32(1.0 - decay)
-    for i, (q, g, buf) in enumerate(zip(params, grads, momentum_buffers)):
-        if q.numel() == 0:
-            continue
-        dev = q.device
-        w, v = q.float(), buf.float()
-        d = g.float() + wd32.to(dev) * w
-        v_new = (mom32.to(dev) * v + d).to(buf.dtype)
-        w_new = (w - lr32.to(dev) * v_new.float()).to(q.dtype)
-        if mask_mode == "update":
-            scores = rgp_scores(grads_nat[i], grads_adv[i], alpha)
-            frozen = scores < thresholds[i].to(dev)  # a NaN threshold freezes nothing
-            v_new = torch.where(frozen, buf, v_new)
-            w_new = torch.where(frozen, q, w_new)
-        if skipped is not None:
-            v_new = torch.where(skipped.to(dev), buf, v_new)
-            w_new = torch.where(skipped.to(dev), q, w_new)
-        buf.copy_(v_new)
-        q.copy_(w_new)
-        if revision:
-            rev = revision[i]
-            rev.copy_(decay32.to(dev) * rev.float() + keep32.to(dev) * q.float())
+    sgd_revise_apply_(params, grads, grads_nat, grads_adv, momentum_buffers, revision, thresholds, skipped, lr=lr,
+                      momentum=momentum, weight_decay=weight_decay, alpha=alpha, mask_mode=mask_mode, decay=decay)
     return thresholds, kept, nonfinite
 
 

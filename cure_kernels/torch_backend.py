@@ -45,7 +45,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from cure_kernels.reference import rgp_scores
+from cure_kernels.reference import rgp_scores, sgd_revise_apply_
 
 __all__ = ["quantile_threshold", "rgp_select_torch", "rgp_mask_torch", "rgp_sgd_step_torch", "revise_torch"]
 
@@ -155,27 +155,8 @@ def rgp_sgd_step_torch(params: Sequence[Tensor], grads: Sequence[Tensor], grads_
     skipped = None
     if skip is not None:
         skipped = (skip.reshape(()) != 0) | (nonfinite.sum() > 0)
-    lr32, mom32, wd32 = _f32(lr), _f32(momentum), _f32(weight_decay)
-    decay32, keep32 = _f32(decay), _f32(1.0 - decay)
-    for i, (q, g, buf) in enumerate(zip(params, grads, momentum_buffers)):
-        if q.numel() == 0:
-            continue
-        w, v = q.float(), buf.float()
-        d = g.float() + wd32 * w
-        v_new = (mom32 * v + d).to(buf.dtype)
-        w_new = (w - lr32 * v_new.float()).to(q.dtype)
-        if mask_mode == "update":
-            frozen = rgp_scores(grads_nat[i], grads_adv[i], alpha) < thresholds[i]  # NaN freezes nothing
-            v_new = torch.where(frozen, buf, v_new)
-            w_new = torch.where(frozen, q, w_new)
-        if skipped is not None:
-            v_new = torch.where(skipped, buf, v_new)
-            w_new = torch.where(skipped, q, w_new)
-        buf.copy_(v_new)
-        q.copy_(w_new)
-        if revision:
-            rev = revision[i]
-            rev.copy_(decay32 * rev.float() + keep32 * q.float())
+    sgd_revise_apply_(params, grads, grads_nat, grads_adv, momentum_buffers, revision, thresholds, skipped, lr=lr,
+                      momentum=momentum, weight_decay=weight_decay, alpha=alpha, mask_mode=mask_mode, decay=decay)
     return thresholds, kept, nonfinite
 
 
