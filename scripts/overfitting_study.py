@@ -208,7 +208,14 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     args = parser.parse_args()
-    args.argv = [a for a in sys.argv[1:] if a != "--table-only"]
+    args.argv, skip_next = [], False  # the command as it trains (rendering options left out)
+    for a in sys.argv[1:]:
+        if skip_next or a == "--table-only" or a.startswith("--notes="):
+            skip_next = False
+            continue
+        skip_next = a == "--notes"
+        if not skip_next:
+            args.argv.append(a)
     args.output = args.output or ROOT / "results" / f"overfitting_study_{args.dataset}_{args.arch}.md"
     if not args.table_only:
         run(args)
