@@ -145,20 +145,23 @@ def revise_reference(revision: Sequence[torch.Tensor], params: Sequence[torch.Te
 def sgd_revise_apply_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                       grads_nat: Sequence[torch.Tensor], grads_adv: Sequence[torch.Tensor],
                       momentum_buffers: Sequence[torch.Tensor], revision: Sequence[torch.Tensor],
-                      thresholds: torch.Tensor, skipped: torch.Tensor | None, *, lr: float, momentum: float,
-                      weight_decay: float, alpha: float, mask_mode: str, decay: float) -> None:
+                      thresholds: torch.Tensor, nonfinite: torch.Tensor, skip: torch.Tensor | None, *,
+                      lr: float, momentum: float, weight_decay: float, alpha: float, mask_mode: str,
+                      decay: float) -> None:
     """The update and revise halves of the fused step on already masked ``grads`` (docs/method.md, "The fused
     step"), in place, per tensor, in float32 with every product and sum a separate rounded PyTorch operation::
 
         d = g + f32(wd)*param;  buf' = f32(momentum)*buf + d  (stored);  param' = param - f32(lr)*buf'
         mask_mode "update": param' = param, buf' = buf where s < thr   (a NaN threshold freezes nothing)
-        skipped (a 0-dim bool tensor, or None): param' = param, buf' = buf everywhere when it holds
+        skip given and (skip != 0 or sum(nonfinite) > 0): param' = param, buf' = buf everywhere (decided
+        on the device)
         rev' = f32(decay)*rev + f32(1 - decay)*param'   (param' as stored; ``revision`` empty: no revision)
 
     The scalars are 0-dim CPU float32 tensors, which PyTorch passes to a kernel on any device without a copy,
     so this runs on the tensors' device without a host synchronisation. The reference and the torch backend
     share it.
     """
+    skipped = None if skip is None else (skip.reshape(()) != 0) | (nonfinite.sum() > 0)
     f32 = functools.partial(torch.tensor, dtype=torch.float32)
     lr32, mom32, wd32, decay32, keep32 = f32(lr), f32(momentum), f32(weight_decay), f32(decay), f32(1.0 - decay)
     for i, (q, g, buf) in enumerate(zip(params, grads, momentum_buffers)):

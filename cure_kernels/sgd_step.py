@@ -63,11 +63,9 @@ def rgp_sgd_step_reference(params: Sequence[Tensor], grads: Sequence[Tensor], gr
     else:
         kept = apply_mask_reference(grads, grads_nat, grads_adv, alpha, thresholds)
         thresholds, nonfinite = thresholds.clone(), nonfinite.clone()
-    skipped = None
-    if skip is not None:
-        skipped = (skip.reshape(()) != 0) | (nonfinite.sum() > 0)
-    sgd_revise_apply_(params, grads, grads_nat, grads_adv, momentum_buffers, revision, thresholds, skipped, lr=lr,
-                      momentum=momentum, weight_decay=weight_decay, alpha=alpha, mask_mode=mask_mode, decay=decay)
+    sgd_revise_apply_(params, grads, grads_nat, grads_adv, momentum_buffers, revision, thresholds, nonfinite, skip,
+                      lr=lr, momentum=momentum, weight_decay=weight_decay, alpha=alpha, mask_mode=mask_mode,
+                      decay=decay)
     return thresholds, kept, nonfinite
 
 

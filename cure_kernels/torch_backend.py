@@ -152,11 +152,9 @@ def rgp_sgd_step_torch(params: Sequence[Tensor], grads: Sequence[Tensor], grads_
     else:
         kept = rgp_mask_torch(grads, grads_nat, grads_adv, alpha, p, thresholds)[1]
         thresholds, nonfinite = thresholds.clone(), nonfinite.clone()
-    skipped = None
-    if skip is not None:
-        skipped = (skip.reshape(()) != 0) | (nonfinite.sum() > 0)
-    sgd_revise_apply_(params, grads, grads_nat, grads_adv, momentum_buffers, revision, thresholds, skipped, lr=lr,
-                      momentum=momentum, weight_decay=weight_decay, alpha=alpha, mask_mode=mask_mode, decay=decay)
+    sgd_revise_apply_(params, grads, grads_nat, grads_adv, momentum_buffers, revision, thresholds, nonfinite, skip,
+                      lr=lr, momentum=momentum, weight_decay=weight_decay, alpha=alpha, mask_mode=mask_mode,
+                      decay=decay)
     return thresholds, kept, nonfinite
 
 

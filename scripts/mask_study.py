@@ -387,10 +387,26 @@ def render(args: argparse.Namespace, rows: list[dict]) -> str:
         for _, name, extra in variants(args)
     ]
     lines += ["```", ""]
+    return "\n".join(lines + notes_section(args))
+
+
+def training_argv(argv: list[str]) -> list[str]:
+    """The command line as it trains: the rendering options (--table-only, --notes FILE) left out."""
+    out, skip_next = [], False
+    for a in argv:
+        if skip_next or a == "--table-only" or a.startswith("--notes="):
+            skip_next = False
+            continue
+        skip_next = a == "--notes"
+        if not skip_next:
+            out.append(a)
+    return out
+
+
+def notes_section(args: argparse.Namespace) -> list[str]:
+    """The '## What it shows' lines from ``--notes`` (none without it)."""
     notes = args.notes.read_text().strip() if args.notes and args.notes.is_file() else ""
-    if notes:
-        lines += ["## What it shows", "", notes, ""]
-    return "\n".join(lines)
+    return ["## What it shows", "", notes, ""] if notes else []
 
 
 def main() -> None:
@@ -420,16 +436,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     args = parser.parse_args()
-    # The command as it trains (rendering options left out).
-    args.argv, skip_next = [], False
-    for a in sys.argv[1:]:
-        if skip_next or a == "--table-only" or a.startswith("--notes="):
-            skip_next = False
-            continue
-        if a == "--notes":
-            skip_next = True
-            continue
-        args.argv.append(a)
+    args.argv = training_argv(sys.argv[1:])
     args.output = args.output or ROOT / "results" / f"mask_study_{args.dataset}_{args.arch}.md"
     if not args.table_only:
         run(args)

@@ -174,10 +174,7 @@ def render(args: argparse.Namespace, rows: list[dict]) -> str:
         "```",
         "",
     ]
-    notes = args.notes.read_text().strip() if args.notes and args.notes.is_file() else ""
-    if notes:
-        lines += ["## What it shows", "", notes, ""]
-    return "\n".join(lines)
+    return "\n".join(lines + study.notes_section(args))
 
 
 def main() -> None:
@@ -208,14 +205,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per run")
     args = parser.parse_args()
-    args.argv, skip_next = [], False  # the command as it trains (rendering options left out)
-    for a in sys.argv[1:]:
-        if skip_next or a == "--table-only" or a.startswith("--notes="):
-            skip_next = False
-            continue
-        skip_next = a == "--notes"
-        if not skip_next:
-            args.argv.append(a)
+    args.argv = study.training_argv(sys.argv[1:])
     args.output = args.output or ROOT / "results" / f"overfitting_study_{args.dataset}_{args.arch}.md"
     if not args.table_only:
         run(args)
