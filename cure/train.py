@@ -65,7 +65,7 @@ from cure.checkpoint import (
     restore_rng,
 )
 from cure.config import RESUMABLE_OVERRIDES, ConfigError, TrainConfig, default_radius
-from cure.device import select_device
+from cure.device import pin_inductor_cpu_isa, select_device
 from cure.distributed import DistributedContext, all_reduce_sum_, broadcast_object
 from cure.evaluation import attack_settings, nrr
 from cure.layer_stats import LayerStats, write_layer_stats
@@ -249,24 +249,6 @@ def derived_seed(seed: int, *tags: Any) -> int:
     """A 63-bit seed derived from ``seed`` and tags, identical in every process (unlike ``hash``)."""
     digest = hashlib.sha256(repr((seed,) + tags).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def check_cpu_compile(device: torch.device) -> None:
-    """Refuse ``--compile`` on a CPU whose ATen kernels are not AVX-512: with the AVX2 kernels
-    (``ATEN_CPU_CAPABILITY=avx2``, or a CPU without AVX-512, such as many AMD servers) Inductor's code for
-    the CURE step gave non-finite losses on every step of a small CNN run, or an out-of-bounds max-pool
-    index error, where eager mode and the AVX-512 kernels train normally (torch 2.14.1). Not yet reduced to
-    a reproducer outside the trainer: a conv + ReLU + max-pool block alone compiles correctly."""
-    if device.type != "cpu":
-        return
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability != "AVX512":
-        raise ConfigError(
-            f"--compile on this CPU (ATen kernels: {capability}) is refused: torch.compile's CPU code for the "
-            f"CURE step gave non-finite losses (or a max-pool index error) with the non-AVX-512 kernels, where "
-            f"eager mode trains correctly. Train without --compile here (eager mode on the CPU loses little "
-            f"for these models), or compile on a GPU"
-        )
 
 
 def holds_a_run(out: str | Path) -> bool:
@@ -501,7 +483,7 @@ class _Trainer:
             module.to(memory_format=torch.channels_last)
         self.module = module
         if cfg.compile:
-            check_cpu_compile(self.device)
+            pin_inductor_cpu_isa(self.device)  # an Inductor cache bug; see its docstring
         self.model = torch.compile(module) if cfg.compile else module
 
         self.ctx = build_step_context(
