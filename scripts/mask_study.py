@@ -131,28 +131,32 @@ def _launch(command: list[str], out: Path, threads: int) -> float:
 
 def run(args: argparse.Namespace) -> None:
     started = time.time()
-    pre = pretrain_dir(args)
-    _launch(pretrain_command(args), pre, args.threads)
-    jobs = [(seed, label, name, extra) for seed in args.seeds for label, name, extra in variants(args)]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [
-            pool.submit(_launch, run_command(args, extra, seed, args.runs / f"{name}_s{seed}"),
-                        args.runs / f"{name}_s{seed}", args.threads)
-            for seed, label, name, extra in jobs
-        ]  # fmt: skip
-        for future in futures:
-            future.result()
-    record_path = args.runs / "study.json"
-    previous = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    record = {
-        "date": datetime.date.today().isoformat(),
-        "git": _git_sha(),
-        "python": platform.python_version(),
-        "wall_minutes": previous.get("wall_minutes", 0.0) + (time.time() - started) / 60,
-        "jobs": args.jobs,
-        "threads_per_job": args.threads,
-    }
-    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    try:
+        pre = pretrain_dir(args)
+        _launch(pretrain_command(args), pre, args.threads)
+        jobs = [(seed, label, name, extra) for seed in args.seeds for label, name, extra in variants(args)]
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [
+                pool.submit(_launch, run_command(args, extra, seed, args.runs / f"{name}_s{seed}"),
+                            args.runs / f"{name}_s{seed}", args.threads)
+                for seed, label, name, extra in jobs
+            ]  # fmt: skip
+            for future in futures:
+                future.result()
+    finally:  # an interrupted invocation's time counts too: the study's wall-clock total spans all of them
+        record_path = args.runs / "study.json"
+        previous = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        spent = previous.get("wall_minutes", 0.0)
+        record = {
+            "date": datetime.date.today().isoformat(),
+            "git": _git_sha(),
+            "python": platform.python_version(),
+            "wall_minutes": None if spent is None else spent + (time.time() - started) / 60,
+            "jobs": args.jobs,
+            "threads_per_job": args.threads,
+        }
+        args.runs.mkdir(parents=True, exist_ok=True)
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -290,7 +294,7 @@ def _collapsed(rows: list[dict]) -> str:
 
 
 def render(args: argparse.Namespace, rows: list[dict]) -> str:
-    path = args.runs / "study.json"  # written when every run has finished
+    path = args.runs / "study.json"  # written when an invocation of the study ends
     record = json.loads(path.read_text()) if path.is_file() else {
         "date": datetime.date.today().isoformat(), "git": _git_sha(), "python": platform.python_version(),
         "wall_minutes": None, "jobs": args.jobs, "threads_per_job": args.threads,

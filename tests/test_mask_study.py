@@ -55,3 +55,29 @@ def test_tiny_study_writes_table_csv_and_figures_and_skips_finished_runs(tmp_pat
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("done already") == 7
     assert output.read_text().split("## Protocol")[1] == table.split("## Protocol")[1]
+
+
+def test_every_committed_study_row_has_its_run_files_in_the_repository():
+    """Each run of a committed study table has its per-epoch metrics.csv and summary.json beside it, tracked
+    by git (a `runs/` ignore pattern once kept them out of every commit), and the summary is that run's."""
+    import json
+
+    tracked = set(subprocess.run(["git", "ls-files", "results"], cwd=ROOT, capture_output=True, text=True,
+                                 check=True).stdout.split())
+    if not tracked:
+        import pytest
+
+        pytest.skip("not a git checkout")
+    tables = sorted((ROOT / "results").glob("*_study_*_resnet20.csv"))
+    assert tables, "no committed study tables"
+    for table in tables:
+        with open(table, newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert rows, table
+        for row in rows:
+            name = row["run"] if row["run"].endswith(f"_s{row['seed']}") else f"{row['run']}_s{row['seed']}"
+            run_dir = table.with_suffix("") / "runs" / name
+            for name in ("metrics.csv", "summary.json"):
+                assert str((run_dir / name).relative_to(ROOT)) in tracked, f"{run_dir / name} is not committed"
+            summary = json.loads((run_dir / "summary.json").read_text())
+            assert summary["seed"] == int(row["seed"]), run_dir
