@@ -40,6 +40,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import platform
 import shutil
 import statistics
@@ -75,6 +76,7 @@ __all__ = [
     "TrainingError",
     "train",
     "resume_config",
+    "lock_run_dir",
     "prepare_output_dir",
     "select_device",
     "results_table",
@@ -261,6 +263,34 @@ def holds_a_run(out: str | Path) -> bool:
     if not out.is_dir():
         return True
     return any(p.name not in ("config.json", "tensorboard") and p.suffix != ".tmp" for p in out.iterdir())
+
+
+def lock_run_dir(out: str | Path, *, create: bool = True) -> int | None:
+    """Hold an exclusive lock on the run directory ``out`` (created empty when missing and ``create``) for as
+    long as the returned descriptor stays open: a second ``cure train`` into the same directory (a rerun, a
+    resume, a study driver started twice) is refused instead of interleaving its checkpoints with the first
+    one's.
+    The kernel drops the lock when the process ends, killed or not, so nothing stale is left behind.
+    Returns None where there is nothing to lock (``out`` is a file, or missing and not ``create``:
+    prepare_output_dir says what is wrong) or ``flock`` does not exist (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    out = Path(out)
+    if (out.exists() and not out.is_dir()) or (not out.exists() and not create):
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"--out {out} is in use: another process is training into it (a `cure train` still running there). "
+            f"Wait for it to end or stop it, then add --resume to continue its run"
+        ) from None
+    return fd
 
 
 def prepare_output_dir(out: str | Path, *, resume: bool, overwrite: bool) -> Path:
@@ -1102,15 +1132,24 @@ def train(
 
 
 def _train(cfg, out, resume, overwrite, stop_after_step, echo, sync_bn, dist: DistributedContext):
-    error = None
-    if dist.is_main:  # rank 0 checks and prepares the directory; the others learn whether that worked
+    error, lock = None, None
+    if dist.is_main:  # rank 0 locks, checks and prepares the directory; the others learn whether that worked
         try:
+            lock = lock_run_dir(out, create=not resume)
             prepare_output_dir(out, resume=resume, overwrite=overwrite)
         except ConfigError as exc:
             error = str(exc)
-    error = broadcast_object(error, dist)
-    if error is not None:
-        raise ConfigError(error)
+    try:
+        error = broadcast_object(error, dist)
+        if error is not None:
+            raise ConfigError(error)
+        return _train_locked(cfg, out, resume, stop_after_step, echo, sync_bn, dist)
+    finally:
+        if lock is not None:
+            os.close(lock)  # releases the lock
+
+
+def _train_locked(cfg, out, resume, stop_after_step, echo, sync_bn, dist: DistributedContext):
     state = None
     if resume:
         state = broadcast_object(load_checkpoint(out / "last.pt") if dist.is_main else None, dist)

@@ -16,7 +16,7 @@ import torch
 
 from cure.checkpoint import CheckpointError, load_checkpoint
 from cure.config import ConfigError
-from cure.train import train
+from cure.train import lock_run_dir, train
 
 ROOT = Path(__file__).resolve().parents[1]
 #: This file's runs: the shared tiny configuration with two epochs of five steps and two attack steps.
@@ -137,6 +137,9 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
                 except CheckpointError:
                     progress = None
                 if progress is not None and progress["batch"] > 0 and progress["step"] >= 3:
+                    # While it trains, the directory is locked: a second run into it is refused.
+                    with pytest.raises(ConfigError, match="is in use"):
+                        train(None, out, resume=True, echo=False)
                     proc.send_signal(signal.SIGKILL)
                     break
             if proc.poll() is not None:
@@ -152,3 +155,28 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming at epoch" in resumed.stdout
     _assert_same_run(tmp_path / "whole", out)
+
+
+def test_a_run_directory_in_use_is_refused_and_left_alone(tmp_path, tiny_config):
+    """While a process holds the run directory (``lock_run_dir``, as ``train`` does for its whole run), a new
+    run, a resume and an --overwrite into it are all refused before anything in it changes; once the lock is
+    released (the process ended), the same calls go through."""
+    cfg = tiny_config(**{**RESUME, "method": "st", "epochs": 1})
+    out = tmp_path / "run"
+    train(cfg, out, echo=False)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    fd = lock_run_dir(out)
+    try:
+        for kw in (dict(resume=True), dict(overwrite=True), dict()):
+            with pytest.raises(ConfigError, match="is in use"):
+                train(None if kw.get("resume") else cfg, out, echo=False, **kw)
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    finally:
+        os.close(fd)
+    assert train(None, out, resume=True, echo=False)["epochs"] == 1  # finished: nothing to do, no error
+    fd = lock_run_dir(out)  # train released its lock on the way out
+    os.close(fd)
+    missing = tmp_path / "missing"
+    with pytest.raises(ConfigError, match="does not exist"):
+        train(None, missing, resume=True, echo=False)
+    assert not missing.exists()  # a resume of nothing creates no directory
