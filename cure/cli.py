@@ -533,33 +533,47 @@ def _read_eval_json(path: Path) -> dict[str, Any]:
     return existing if isinstance(existing, dict) else {}
 
 
-def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """Accuracy under --attacks of the target's networks; a table and the target's entry in eval.json."""
-    import torch
-
-    from cure.checkpoint import atomic_write_text
-    from cure.data import DATASETS
-    from cure.evaluation import ATTACKS, attack_settings, evaluate
-    from cure.train import NORM_TITLES, nrr
+def _check_attack_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """argparse-style errors for --attacks names and --eps values, before anything is loaded."""
+    from cure.evaluation import ATTACKS
 
     for name in args.attacks:
         if name not in ATTACKS:
             parser.error(f"--attacks: unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
-    if args.eval_samples is not None and args.eval_samples < 1:
-        parser.error(f"--eval-samples must be at least 1, got {args.eval_samples}")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.eps is not None and args.norm != "l2" and not 0 <= args.eps <= 1:
         parser.error(f"--eps must lie in [0, 1], got {args.eps} (an L2 radius needs --norm l2)")
     if args.eps is not None and args.eps < 0:
         parser.error(f"--eps must be >= 0, got {args.eps}")
+
+
+def _open_eval(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """(device, target, test images, labels) of `cure eval`, opened once for the attacks and the corruptions
+    (a module:function model is built, and the split read, a single time)."""
+    if args.eval_samples is not None and args.eval_samples < 1:
+        parser.error(f"--eval-samples must be at least 1, got {args.eval_samples}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     device, target = _open_target(args, parser)
+    images, labels = _test_split(args, target)
+    _check_model_output(target, images, device, parser)
+    return device, target, images, labels
+
+
+def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser, opened) -> int:
+    """Accuracy under --attacks of the target's networks; a table and the target's entry in eval.json.
+    ``opened``: what :func:`_open_eval` returned."""
+    import torch
+
+    from cure.checkpoint import atomic_write_text
+    from cure.data import DATASETS
+    from cure.evaluation import attack_settings, evaluate
+    from cure.train import NORM_TITLES, nrr
+
+    device, target, images, labels = opened
     protocol, norm, eps = target.protocol, target.norm, target.eps
     if norm == "l2" and protocol == "official":
         parser.error("--eval-protocol official reproduces the official L-inf evaluation; use ours with --norm l2")
     spec = DATASETS[target.dataset]
-    images, labels = _test_split(args, target)
-    _check_model_output(target, images, device, parser)
     results: dict[str, dict[str, float]] = {}
     for which in target.whiches:
         model = target.load(which, device)
@@ -760,7 +774,8 @@ def _eval_attacks_and_corruptions(args: argparse.Namespace, parser: argparse.Arg
     if "corruptions" not in args.attacks:
         if args.severities is not None:
             parser.error("--severities applies only with 'corruptions' in --attacks")
-        return _eval(args, parser)
+        _check_attack_args(args, parser)
+        return _eval(args, parser, _open_eval(args, parser))
     severities = tuple(args.severities) if args.severities is not None else SEVERITIES
     bad = [s for s in severities if s not in SEVERITIES]
     if bad or len(set(severities)) != len(severities):
@@ -769,27 +784,25 @@ def _eval_attacks_and_corruptions(args: argparse.Namespace, parser: argparse.Arg
         parser.error("--attacks lists 'corruptions' twice")
     args.attacks = tuple(a for a in args.attacks if a != "corruptions")
     if args.attacks:
-        code = _eval(args, parser)
+        _check_attack_args(args, parser)
+    opened = _open_eval(args, parser)
+    if args.attacks:
+        code = _eval(args, parser, opened)
         if code:
             return code
-    return _eval_corruptions(args, parser, severities, merge=bool(args.attacks))
+    return _eval_corruptions(args, parser, opened, severities, merge=bool(args.attacks))
 
 
-def _eval_corruptions(args: argparse.Namespace, parser, severities: tuple[int, ...], merge: bool) -> int:
-    """Accuracy under the 15 common corruptions; a table, eval.json and the run's summary.json."""
+def _eval_corruptions(args: argparse.Namespace, parser, opened, severities: tuple[int, ...], merge: bool) -> int:
+    """Accuracy under the 15 common corruptions; a table, eval.json and the run's summary.json.
+    ``opened``: what :func:`_open_eval` returned."""
     import torch
 
     from cure.checkpoint import atomic_write_text
     from cure.corruptions import CORRUPTIONS
     from cure.evaluation import evaluate_corruptions
 
-    if args.eval_samples is not None and args.eval_samples < 1:
-        parser.error(f"--eval-samples must be at least 1, got {args.eval_samples}")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
-    device, target = _open_target(args, parser)
-    images, labels = _test_split(args, target)
-    _check_model_output(target, images, device, parser)
+    device, target, images, labels = opened
     results: dict[str, dict[str, Any]] = {}
     for which in target.whiches:
         model = target.load(which, device)

@@ -88,6 +88,23 @@ def test_a_function_writes_eval_json_into_the_current_directory(tmp_path, monkey
     assert set(json.loads((tmp_path / "eval.json").read_text())) == {"tiny_zoo_cwd:untrained"}
 
 
+
+def test_attacks_and_corruptions_build_the_model_once(tmp_path, monkeypatch):
+    """--attacks with 'corruptions' runs two evaluations on one opened model: a module:function is called
+    once (it may be slow, or have side effects), and both results land in the same eval.json entry."""
+    _write_module(tmp_path, "tiny_zoo_once", "CALLS = []\n\ndef counted():\n    CALLS.append(1)\n"
+                  "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert main(["eval", "--model", "tiny_zoo_once:counted", "--attacks", "nat,corruptions", "--severities", "1",
+                 *EVAL]) == 0
+    import tiny_zoo_once
+
+    assert len(tiny_zoo_once.CALLS) == 1
+    entry = json.loads((tmp_path / "eval.json").read_text())["tiny_zoo_once:counted"]
+    assert entry["attacks"] == ["nat", "corruptions"] and "corruption_acc" in entry["model"]
+    assert "nat_acc" in entry["model"]
+
 MODULE = (
     "def not_a_model():\n    return {'weights': 1}\n\n"
     "def seven_classes():\n    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 7))\n\n"
